@@ -1,0 +1,85 @@
+"""``dist-peft``: train and export.
+
+    dist-peft train --config FILE [--resume [CHECKPOINT]] [--set train.steps=10 ...]
+    dist-peft export --checkpoint DIR --out DIR [--merged]
+
+A bad config or file ends the command with one ``error:`` line (exit code 2), before any model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+from dist_peft.files import BadFileError
+from dist_peft.train.config import ConfigError
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair}: expected KEY=VALUE, e.g. train.steps=10")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _train(args: argparse.Namespace) -> dict:
+    from dist_peft.train import checkpoint as ckpt
+    from dist_peft.train.config import load_config
+    from dist_peft.train.loop import Trainer
+
+    cfg = load_config(args.config, _overrides(args.set))
+    resume = args.resume
+    if resume == "latest":
+        resume = ckpt.latest_checkpoint(cfg.output.dir)
+        if resume is None:
+            raise BadFileError(f"--resume: no checkpoint under {cfg.output.dir}/checkpoints")
+    return Trainer(cfg, resume=resume).run()
+
+
+def _export(args: argparse.Namespace) -> dict:
+    from dist_peft.train.export import export
+
+    return {"exported": str(export(args.checkpoint, args.out, merged=args.merged)), "merged": args.merged}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-peft", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="fine-tune with a YAML config")
+    t.add_argument("--config", required=True)
+    t.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from a checkpoint folder (default: the run's latest)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by some launchers
+    t.set_defaults(func=_train)
+    e = sub.add_parser("export", help="write adapter files or merged weights from a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--merged", action="store_true", help="merge the adapter into the base weights")
+    e.set_defaults(func=_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data come from packages, never from a hub
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (ConfigError, BadFileError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Files written atomically and read defensively: temporary folder + fsync + rename, SHA-256 manifests,
+safetensors only (never pickle), and errors that name the file."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+MANIFEST = "manifest.json"
+
+
+class BadFileError(ValueError):
+    """A file that is missing, corrupted, or not what the caller expects."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; on success write a checksum manifest, fsync every file and
+    rename it to ``final`` (replacing an older one), so a reader sees the old folder or the whole new one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        write_json(tmp / MANIFEST, {p.name: sha256(p) for p in files})
+        for p in files:
+            _fsync(p)
+        _fsync(tmp / MANIFEST)
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        _fsync(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def verify_dir(folder: str | os.PathLike) -> None:
+    """Check every file listed in the folder's manifest against its SHA-256."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise BadFileError(f"{folder}: no {MANIFEST}; not a complete dist_peft folder")
+    for name, digest in read_json(folder / MANIFEST).items():
+        path = folder / name
+        if not path.is_file():
+            raise BadFileError(f"{path}: listed in the manifest but missing")
+        if sha256(path) != digest:
+            raise BadFileError(f"{path}: checksum mismatch (file altered or truncated)")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BadFileError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise BadFileError(f"{path}: not valid JSON ({e})") from None
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise BadFileError(f"{path}: file not found") from None
+    except (SafetensorError, OSError) as e:
+        raise BadFileError(f"{path}: not a readable safetensors file ({e})") from None

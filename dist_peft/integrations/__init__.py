@@ -1,0 +1,1 @@
+"""Where adapters meet engines: one wrapper per engine around the frozen base linear."""

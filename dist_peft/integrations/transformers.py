@@ -1,0 +1,203 @@
+"""Adapters on the ``nn.Linear`` sites of a transformers model, and adapter files in the HF PEFT layout.
+
+Order of operations (``inject_adapters``): freeze the whole model, then wrap each targeted linear in an
+``AdaptedLinear`` that owns a fresh adapter; only the adapters' ``trainable_names`` (and any ``extra_trainable``
+modules, such as a new classification head) are left trainable.
+
+Files: ``adapter_model.safetensors`` holds ``base_model.model.<module path>.<file key>`` tensors (the key layout
+of HF PEFT, so ``peft.PeftModel.from_pretrained`` loads our LoRA files), ``adapter_config.json`` is PEFT's
+config (written only for methods PEFT has), and ``dist_peft_adapter.json`` names our method and its config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from dist_peft.files import BadFileError, atomic_dir, load_tensors, read_json, save_tensors, verify_dir, write_json
+from dist_peft.methods.base import Adapter, Site, get_method
+from dist_peft.parallel.shard import ShardSpec
+
+CANONICAL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+KEY_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS, PEFT_CONFIG, OUR_CONFIG = "adapter_model.safetensors", "adapter_config.json", "dist_peft_adapter.json"
+FORMAT_VERSION = 1
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus an adapter: y = base(x) + update (or base(x) alone once merged)."""
+
+    def __init__(self, base_layer: nn.Linear, adapter: Adapter):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self.merged = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        return out if self.merged else self.adapter(x, out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += ΔW, refusing a non-finite ΔW (the model is left untouched)."""
+        if self.merged:
+            return
+        delta = self.adapter.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"{self.adapter.site.name}: the update is not finite; refusing to merge")
+        self.base_layer.weight += delta.to(self.base_layer.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight -= self.adapter.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+
+def _layer_index(path: str) -> int | None:
+    return next((int(p) for p in path.split(".") if p.isdigit()), None)
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def inject_adapters(model: nn.Module, method: str, cfg: Any, target_modules: Iterable[str],
+                    extra_trainable: Iterable[str] = ()) -> dict[str, AdaptedLinear]:
+    """Freeze ``model`` and wrap every ``nn.Linear`` whose last name is in ``target_modules``."""
+    entry = get_method(method)
+    targets, extra = set(target_modules), set(extra_trainable)
+    if adapted_sites(model):
+        raise ValueError("the model already holds adapters")
+    model.requires_grad_(False)
+    found: set[str] = set()
+    for path, module in list(model.named_modules()):
+        kind = path.rpartition(".")[2]
+        if kind in targets and isinstance(module, nn.Linear):
+            site = Site(path, kind, _layer_index(path), module.out_features, module.in_features, module.weight)
+            _set_submodule(model, path, AdaptedLinear(module, entry.adapter_cls(site, ShardSpec(), cfg)))
+            found.add(kind)
+        if kind in extra:
+            module.requires_grad_(True)
+            found.add(kind)
+    missing = (targets | extra) - found
+    if missing:
+        raise ValueError(f"target modules {sorted(missing)} match no nn.Linear / module of the model")
+    model.dist_peft_modules_to_save = sorted(extra)  # read back when the adapter files are written
+    return adapted_sites(model)
+
+
+def adapted_sites(model: nn.Module) -> dict[str, AdaptedLinear]:
+    return {m.adapter.site.name: m for m in model.modules() if isinstance(m, AdaptedLinear)}
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable tensors by model path, in a fixed order (the optimizer's and the checkpoint's)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def trainable_summary(model: nn.Module) -> str:
+    trainable = sum(p.numel() for p in trainable_parameters(model).values())
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+def set_merged(model: nn.Module, merged: bool) -> None:
+    for site in adapted_sites(model).values():
+        site.merge() if merged else site.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight and put the plain linears back (for exporting weights)."""
+    for path, site in adapted_sites(model).items():
+        site.merge()
+        _set_submodule(model, path, site.base_layer)
+    return model
+
+
+def _file_state(model: nn.Module) -> dict[str, Tensor]:
+    state = {}
+    for path, site in adapted_sites(model).items():
+        for name in site.adapter.trainable_names:
+            state[f"{KEY_PREFIX}{path}.{site.adapter.file_key(name)}"] = getattr(site.adapter, name)
+    adapter_params = {id(p) for s in adapted_sites(model).values() for p in s.adapter.parameters()}
+    for name, p in trainable_parameters(model).items():
+        if id(p) not in adapter_params:
+            state[f"{KEY_PREFIX}{name}"] = p
+    return state
+
+
+def _describe(model: nn.Module) -> tuple[Adapter, list[str], list[str]]:
+    sites = adapted_sites(model)
+    if not sites:
+        raise ValueError("the model holds no adapters")
+    adapters = [s.adapter for s in sites.values()]
+    targets = sorted({a.site.module_type for a in adapters})
+    return adapters[0], targets, list(getattr(model, "dist_peft_modules_to_save", []))
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str = "", task_type: str = "CAUSAL_LM") -> Path:
+    """Write the adapter files atomically (with a checksum manifest) and return the folder."""
+    first, targets, extra = _describe(model)
+    ours = {"format_version": FORMAT_VERSION, "method": first.method_name, "config": dataclasses.asdict(first.cfg),
+            "target_modules": targets, "modules_to_save": extra, "base_model": base_model, "task_type": task_type}
+    peft = first.peft_config(first.cfg, targets)
+    with atomic_dir(out_dir) as tmp:
+        save_tensors(tmp / ADAPTER_WEIGHTS, _file_state(model))
+        write_json(tmp / OUR_CONFIG, ours)
+        if peft is not None:
+            write_json(tmp / PEFT_CONFIG, {**peft, "base_model_name_or_path": base_model, "task_type": task_type,
+                                           "modules_to_save": extra or None, "inference_mode": True})
+    return Path(out_dir)
+
+
+def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+    """Method, config and targets of an adapter folder (ours, or an HF PEFT LoRA folder)."""
+    folder = Path(folder)
+    if (folder / OUR_CONFIG).is_file():
+        meta = read_json(folder / OUR_CONFIG)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise BadFileError(f"{folder / OUR_CONFIG}: format_version {meta.get('format_version')} is not "
+                               f"{FORMAT_VERSION}")
+        entry = get_method(meta["method"])
+        return {**meta, "config": entry.config_cls(**meta["config"])}
+    peft = read_json(folder / PEFT_CONFIG)
+    entry = get_method("lora")
+    return {"method": "lora", "config": entry.adapter_cls.config_from_peft(peft),
+            "target_modules": list(peft["target_modules"]), "modules_to_save": list(peft.get("modules_to_save") or [])}
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> dict[str, AdaptedLinear]:
+    """Load adapter files into ``model`` (injecting the adapters first if it holds none); every tensor is
+    checked for presence, shape and finiteness before anything is copied."""
+    folder = Path(folder)
+    if (folder / "manifest.json").is_file():
+        verify_dir(folder)
+    meta = read_adapter_config(folder)
+    if not adapted_sites(model):
+        inject_adapters(model, meta["method"], meta["config"], meta["target_modules"], meta["modules_to_save"])
+    first, _, _ = _describe(model)
+    if first.method_name != meta["method"] or first.cfg != meta["config"]:
+        raise ValueError(f"{folder}: adapter is {meta['method']} {meta['config']}, the model holds "
+                         f"{first.method_name} {first.cfg}")
+    tensors = load_tensors(folder / ADAPTER_WEIGHTS)
+    expected = _file_state(model)
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise BadFileError(f"{folder / ADAPTER_WEIGHTS}: keys differ from the model's sites; "
+                           f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}, unexpected {extra[:3]}")
+    for key, t in tensors.items():
+        if t.shape != expected[key].shape:
+            raise BadFileError(f"{key}: shape {tuple(t.shape)} in file, {tuple(expected[key].shape)} in the model")
+        if not torch.isfinite(t).all():
+            raise BadFileError(f"{key}: non-finite values in {folder / ADAPTER_WEIGHTS}")
+    with torch.no_grad():
+        for key, t in tensors.items():
+            expected[key].copy_(t)
+    return adapted_sites(model)

@@ -1,0 +1,164 @@
+"""The adapter contract: a ``Site`` (the frozen base linear), an ``Adapter`` that adds its update to the base
+output in the base output's layout, a model-wide ``Controller`` for work between steps, and the registry.
+
+An adapter is parallel-agnostic: it receives a ``ShardSpec`` and holds the *local shard* of its parameters.
+``param_layouts`` states, for each trainable tensor, which dimension follows the split and whether its gradient
+on one rank is a partial sum over the group (a replicated factor that meets a split dimension). Engines use it
+to cut full tensors into shards, to gather them for saving, and to reduce partial gradients once per step.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from dist_peft.parallel.shard import ShardSpec
+
+
+@dataclass(frozen=True)
+class Site:
+    """The frozen base linear y = W x an adapter is attached to."""
+
+    name: str
+    """Module path in the model, e.g. ``model.layers.0.self_attn.q_proj``."""
+    module_type: str
+    """Canonical projection name (``q_proj`` … ``down_proj``)."""
+    layer_index: int | None
+    out_features: int
+    """m, global (unsplit)."""
+    in_features: int
+    """n, global (unsplit)."""
+    weight: Tensor
+    """The local shard of W as the base layer holds it (frozen; never copied by an adapter)."""
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    shard_dim: int | None
+    """Dimension of the tensor that follows the site's split (None: the same full tensor on every rank)."""
+    partial_grad: bool
+    """True when each rank's gradient is a partial sum that must be summed over the split's group."""
+
+
+class Controller:
+    """Model-wide hooks of one method, called by the training loop once per optimizer step.
+
+    ``before_optimizer_step`` runs after backward, gradient accumulation and every gradient reduction;
+    ``after_optimizer_step`` runs after ``optimizer.step()``. A method that batches small per-layer reductions
+    does it here, in one coalesced collective for all its layers.
+    """
+
+    def __init__(self, adapters: Mapping[str, "Adapter"]):
+        self.adapters = dict(adapters)
+
+    def before_optimizer_step(self, ctx: "StepContext") -> None:
+        """Default: nothing to do (LoRA)."""
+
+    def after_optimizer_step(self, ctx: "StepContext") -> None:
+        """Default: nothing to do (LoRA)."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Method state that a checkpoint must hold to resume exactly (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} holds no state, but the checkpoint has {sorted(state)}")
+
+
+@dataclass(frozen=True)
+class StepContext:
+    step: int
+    """Optimizer steps completed before this one (0 for the first step)."""
+    lr: float
+    """The learning rate this step uses."""
+    optimizer: torch.optim.Optimizer
+
+
+class Adapter(nn.Module, abc.ABC):
+    """One method's update on one site. Subclasses set ``trainable_names`` and implement the math."""
+
+    trainable_names: ClassVar[tuple[str, ...]] = ()
+    """Names of the trainable tensors; freezing, optimizer groups and save/load read this one declaration."""
+    file_keys: ClassVar[Mapping[str, str]] = {}
+    """Key of each trainable tensor in adapter files, below the site's path (default: its name)."""
+    controller_cls: ClassVar[type[Controller]] = Controller
+    method_name: ClassVar[str] = ""
+    config_cls: ClassVar[type] = object
+
+    def __init__(self, site: Site, spec: ShardSpec, cfg: Any):
+        super().__init__()
+        self.site = site
+        self.spec = spec
+        self.cfg = cfg
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
+        """Return ``base_out`` plus the update, in the base output's layout (local / partial for row)."""
+
+    @abc.abstractmethod
+    def delta_weight(self) -> Tensor:
+        """The local shard of ΔW (same shape as ``site.weight``), for merging."""
+
+    @abc.abstractmethod
+    def param_layouts(self) -> dict[str, ParamLayout]:
+        """The layout of each trainable tensor under this adapter's ShardSpec."""
+
+    @staticmethod
+    def peft_config(cfg: Any, target_modules: list[str]) -> dict[str, Any] | None:
+        """The HF PEFT ``adapter_config.json`` fields for this method, or None when PEFT has no equivalent."""
+        return None
+
+    def file_key(self, name: str) -> str:
+        return self.file_keys.get(name, name)
+
+    @torch.no_grad()
+    def load_full(self, full: Mapping[str, Tensor]) -> None:
+        """Copy full (unsplit) tensors into this shard's parameters, slicing along each layout's shard_dim."""
+        for name, layout in self.param_layouts().items():
+            t = full[name]
+            if layout.shard_dim is not None:
+                t = self.spec.shard(t, layout.shard_dim)
+            param = getattr(self, name)
+            if t.shape != param.shape:
+                raise ValueError(f"{self.site.name}.{name}: expected shape {tuple(param.shape)}, got {tuple(t.shape)}")
+            param.copy_(t)
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    adapter_cls: type[Adapter]
+    config_cls: type
+
+
+_REGISTRY: dict[str, MethodEntry] = {}
+
+
+def register_method(name: str, config_cls: type):
+    """Class decorator: the single registration of a method under ``name`` with its config dataclass."""
+
+    def wrap(cls: type[Adapter]) -> type[Adapter]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.method_name, cls.config_cls = name, config_cls
+        _REGISTRY[name] = MethodEntry(name, cls, config_cls)
+        return cls
+
+    return wrap
+
+
+def get_method(name: str) -> MethodEntry:
+    import dist_peft.methods  # noqa: F401  (importing the package registers every method)
+
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def config_fields(config_cls: type) -> list[str]:
+    return [f.name for f in fields(config_cls)]

@@ -1,0 +1,94 @@
+"""Traced collectives: the one way dist_peft code talks to torch.distributed.
+
+Every call is recorded in ``TRACE`` (calls and bytes per operation), so a test or the profiler can state how
+much a method communicates per step instead of guessing. A group of one rank (or no initialised process group)
+is the identity and records nothing: single-process code pays nothing.
+
+Reductions of many small tensors go through ``all_reduce_coalesced``: one flat buffer, one call, whatever the
+number of layers.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class CollectiveTrace:
+    calls: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)
+
+    def record(self, op: str, nbytes: int) -> None:
+        self.calls[op] += 1
+        self.bytes[op] += nbytes
+
+    def reset(self) -> dict[str, dict[str, int]]:
+        """Return the counts since the last reset and start again (call once per step)."""
+        snap = {"calls": dict(self.calls), "bytes": dict(self.bytes)}
+        self.calls.clear()
+        self.bytes.clear()
+        return snap
+
+
+TRACE = CollectiveTrace()
+
+
+def group_size(group: Any = None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def group_rank(group: Any = None) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_reduce(t: Tensor, group: Any = None, op: str = "sum") -> Tensor:
+    """In-place reduction of ``t`` over ``group``; ``op`` is sum, avg or max (avg = sum / size: gloo has no AVG)."""
+    size = group_size(group)
+    if size == 1:
+        return t
+    TRACE.record("all_reduce", t.numel() * t.element_size())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    if op == "avg":
+        t.div_(size)
+    return t
+
+
+def all_reduce_coalesced(tensors: Sequence[Tensor], group: Any = None, op: str = "sum") -> None:
+    """Reduce many tensors in place with one collective per dtype (flatten, reduce, copy back)."""
+    if group_size(group) == 1 or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for same in by_dtype.values():
+        flat = all_reduce(torch.cat([t.reshape(-1) for t in same]), group, op)
+        offset = 0
+        for t in same:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def broadcast(t: Tensor, src: int = 0, group: Any = None) -> Tensor:
+    """In-place broadcast from group rank ``src``."""
+    if group_size(group) == 1:
+        return t
+    TRACE.record("broadcast", t.numel() * t.element_size())
+    dist.broadcast(t, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    return t
+
+
+def all_gather_cat(t: Tensor, dim: int, group: Any = None) -> Tensor:
+    """Concatenate every rank's ``t`` along ``dim`` (all shards must have the same shape)."""
+    size = group_size(group)
+    if size == 1:
+        return t
+    TRACE.record("all_gather", t.numel() * t.element_size() * size)
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)

@@ -1,0 +1,1 @@
+"""The training job: config, data, loop with method hooks, checkpoint/resume, export."""

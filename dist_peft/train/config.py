@@ -1,0 +1,274 @@
+"""The run configuration: YAML → typed, validated, frozen dataclasses.
+
+Every field is checked when the file is read, before a model, a process group or a collective exists: an
+unknown key or a bad value is one ``ConfigError`` naming the key (``train.lr: must be > 0, got -1``).
+The method section is open: ``name`` and ``target_modules`` are common, every other key goes to the method's
+own config dataclass (``methods/<name>.py``), whose validation errors are reported the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dist_peft.methods.base import get_method
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid; the message starts with the key's path."""
+
+
+def _positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise ValueError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyModelConfig:
+    """A random Llama built in code (tests and CI; no weights on disk)."""
+
+    vocab_size: int = 260
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    tie_word_embeddings: bool = False
+    seed: int = 0
+    """Seed of the random weights: the same seed gives the same model in every process."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads")
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads: must divide hidden_size and be a multiple of num_key_value_heads")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    source: str
+    """``tiny-llama``, a packaged model (``smollm2-135m-instruct``) or a local Hugging Face model folder."""
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    num_labels: int | None = None
+    """Classification only: the number of classes (the new head is trained, see ``trainable_modules``)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the frozen base weights (adapters always keep fp32 master weights)."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    trainable_modules: tuple[str, ...] = ()
+    """Modules trained in full beside the adapters (e.g. ``score`` for a new classification head)."""
+
+    def __post_init__(self) -> None:
+        if self.task == "classification" and not self.num_labels:
+            raise ValueError("num_labels: required (>= 2) when task is classification")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    name: str = "lora"
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    options: Any = None
+    """The method's own config dataclass, built from the section's other keys."""
+
+    def __post_init__(self) -> None:
+        if not self.target_modules:
+            raise ValueError("target_modules: name at least one module")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    source: Literal["chatterbot", "bbc_news", "synthetic", "json"]
+    """Packaged datasets (``chatterbot``, ``bbc_news``), random tokens (``synthetic``) or a local JSON-lines
+    file (``json``, with ``path``)."""
+    format: Literal["causal_lm", "instruction", "classification"] = "causal_lm"
+    """causal_lm: texts packed into blocks of seq_len; instruction: prompt/response pairs with the loss on the
+    response only; classification: text and integer label."""
+    path: str | None = None
+    seq_len: int = 128
+    eval_examples: int = 64
+    """Held out for evaluation (examples, or packed blocks for causal_lm), drawn before any training data."""
+    max_examples: int | None = None
+    """Use at most this many training examples (blocks for causal_lm)."""
+    seed: int = 0
+    """Seed of the train/eval split and of the epoch order."""
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    label_field: str = "label"
+    synthetic_examples: int = 256
+
+    def __post_init__(self) -> None:
+        _positive(self, "seq_len", "max_examples", "synthetic_examples")
+        _positive(self, "eval_examples", allow_zero=True)
+        if (self.source == "json") != (self.path is not None):
+            raise ValueError("path: required exactly when source is json")
+        if self.source == "synthetic" and self.format != "causal_lm":
+            raise ValueError(f"format: synthetic data is causal_lm only, got {self.format}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int
+    """Optimizer steps."""
+    micro_batch_size: int = 4
+    """Examples per forward/backward on one data-parallel rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the loss is normalised by the step's tokens, so k micro-batches of b
+    equal one batch of k·b."""
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr · min_lr_ratio."""
+    max_grad_norm: float | None = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 runs the forward under autocast where the device supports it."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: before and after training only)."""
+    eval_batches: int | None = None
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0: at the end only)."""
+    keep_checkpoints: int = 2
+    seed: int = 0
+    """Seed of adapter initialisation and dropout."""
+    threads: int | None = None
+    """torch intra-op threads (None: leave torch's default)."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "micro_batch_size", "grad_accum", "lr", "max_grad_norm", "keep_checkpoints",
+                  "eval_batches", "threads")
+        _positive(self, "warmup_steps", "eval_every", "save_every", "weight_decay", allow_zero=True)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas: each must be in [0, 1), got {self.betas}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    dir: str
+    """Run folder: metrics.jsonl, checkpoints/, adapter/."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: ModelConfig
+    method: MethodConfig
+    data: DataConfig
+    train: TrainConfig
+    output: OutputConfig
+
+    def __post_init__(self) -> None:
+        if (self.model.task == "classification") != (self.data.format == "classification"):
+            raise ValueError("data.format: classification data needs model.task classification and vice versa")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["method"] = {"name": self.method.name, "target_modules": list(self.method.target_modules),
+                       **dataclasses.asdict(self.method.options)}
+        return _plain(d)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if args[-1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else build(tp, value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and isinstance(value, bool) or tp in (int, str) and type(value) is tp:
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def build(cls: type, raw: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types; errors name the key's path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where + '.' if where else ''}{key}: unknown key (expected one of {', '.join(sorted(known))})")
+    kwargs = {k: _convert(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required key is missing
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where + '.' if where else ''}{e}") from None
+
+
+def _build_method(raw: Any) -> MethodConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"method: expected a mapping, got {raw!r}")
+    raw = dict(raw)
+    name = raw.pop("name", "lora")
+    try:
+        entry = get_method(name)
+    except ValueError as e:
+        raise ConfigError(f"method.name: {e}") from None
+    common = {k: raw.pop(k) for k in ("target_modules",) if k in raw}
+    return build(MethodConfig, {"name": name, **common, "options": build(entry.config_cls, raw, "method")}, "method")
+
+
+def from_dict(raw: Any) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = dict(raw)
+    method = _build_method(raw.pop("method", {}))
+    return build(RunConfig, {**raw, "method": method})
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config; ``overrides`` maps dotted keys (``train.steps``) to values."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return from_dict(raw)

@@ -1,0 +1,28 @@
+"""Export a checkpoint as adapter files (HF PEFT layout) or as a merged Hugging Face model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dist_peft.files import atomic_dir
+from dist_peft.integrations.transformers import inject_adapters, merge_and_unload, save_adapter, trainable_parameters
+from dist_peft.train import checkpoint as ckpt
+from dist_peft.train.config import from_dict
+from dist_peft.train.models import load_model
+
+
+def export(checkpoint: str | Path, out: str | Path, merged: bool = False) -> Path:
+    """Rebuild the checkpoint's model from its own config, load the trained tensors, and write ``out``."""
+    c = ckpt.load_checkpoint(checkpoint)
+    cfg = from_dict(c.config)
+    model, tokenizer = load_model(cfg.model)
+    inject_adapters(model, cfg.method.name, cfg.method.options, cfg.method.target_modules, cfg.model.trainable_modules)
+    ckpt.restore_params(c, trainable_parameters(model))
+    if not merged:
+        task = "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
+        return save_adapter(model, out, base_model=cfg.model.source, task_type=task)
+    merge_and_unload(model)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out)

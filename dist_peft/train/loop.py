@@ -1,0 +1,224 @@
+"""The training loop: one YAML config → a model with adapters, AdamW with warmup + cosine, gradient
+accumulation and clipping, optional bf16 autocast, periodic evaluation, a JSONL metrics log, atomic
+checkpoints and exact resume. Data parallelism: every rank of a torchrun launch takes its own slice of each
+global micro-batch and adapter gradients are summed in one coalesced all-reduce per step.
+
+Order of one optimizer step (the methods' hooks depend on it):
+  forward/backward of every micro-batch (loss normalised by the step's target count over all ranks)
+  → data-parallel gradient reduction → controller.before_optimizer_step → clip → optimizer.step
+  → controller.after_optimizer_step → zero_grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from dist_peft.integrations.transformers import adapted_sites, inject_adapters, save_adapter, trainable_parameters, \
+    trainable_summary
+from dist_peft.methods.base import StepContext
+from dist_peft.parallel import collectives
+from dist_peft.parallel.runtime import init_runtime
+from dist_peft.train import checkpoint as ckpt
+from dist_peft.train.config import RunConfig, TrainConfig
+from dist_peft.train.data import IGNORE, BatchOrder, build_datasets, collate
+from dist_peft.train.models import load_model
+
+
+RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.threads", "train.eval_every", "train.save_every"}
+
+
+def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    changes = set()
+    for key in old.keys() | new.keys():
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes |= _config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.add(f"{prefix}{key}")
+    return changes
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay from lr to lr · min_lr_ratio at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: str | Path | None = None, echo: Callable[[str], None] = print):
+        self.cfg, t = cfg, cfg.train
+        self.rt = init_runtime()
+        self.echo = echo if self.rt.is_main else (lambda _msg: None)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.run_dir = Path(cfg.output.dir)
+        self.model, self.tokenizer = load_model(cfg.model)
+        torch.manual_seed(t.seed)  # adapter initialisation and dropout draw from here on
+        inject_adapters(self.model, cfg.method.name, cfg.method.options, cfg.method.target_modules,
+                        cfg.model.trainable_modules)
+        self.model.to(self.rt.device)
+        self.echo(f"{cfg.method.name} on {len(adapted_sites(self.model))} sites; {trainable_summary(self.model)}")
+        self.params = trainable_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        adapters = {name: s.adapter for name, s in adapted_sites(self.model).items()}
+        self.controller = next(iter(adapters.values())).controller_cls(adapters)
+        self.train_ds, self.eval_ds = build_datasets(cfg.data, self.tokenizer, self.model.config.vocab_size)
+        self.order = BatchOrder(len(self.train_ds), cfg.data.seed)
+        self.step = self.position = 0
+        self.history: list[dict[str, Any]] = []
+        if resume is not None:
+            self._resume(Path(resume))
+
+    def _resume(self, path: Path) -> None:
+        c = ckpt.load_checkpoint(path)
+        changed = _config_changes(c.config, self.cfg.to_dict()) - RESUMABLE_CHANGES
+        if changed:
+            raise ValueError(f"--resume {path}: the checkpoint was written with a different {', '.join(sorted(changed))}; "
+                             f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume")
+        ckpt.restore(c, self.params, self.optimizer, self.controller)
+        self.step, self.position = c.step, c.data_position
+        self.echo(f"resumed from {path} at step {self.step}")
+
+    def _autocast(self):
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _loss_sum(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(sum of per-target cross-entropies, number of correct argmax predictions)."""
+        with self._autocast():
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels = logits.float(), batch["labels"]
+        if labels.dim() == 2:  # causal LM: position i predicts token i + 1
+            logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+        return loss, ((logits.argmax(-1) == labels) & (labels != IGNORE)).sum()
+
+    def _batch(self, examples: list[dict]) -> dict[str, Tensor]:
+        return {k: v.to(self.rt.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
+
+    @staticmethod
+    def _targets(batch: dict[str, Tensor]) -> int:
+        labels = batch["labels"]
+        return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != IGNORE).sum())
+
+    def train_step(self) -> dict[str, Any]:
+        t, rt = self.cfg.train, self.rt
+        lr = lr_at(self.step, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [self._batch(self.order.micro_batch(self.train_ds, self.position + i, t.micro_batch_size,
+                                                       rt.rank, rt.world)) for i in range(t.grad_accum)]
+        counts = torch.tensor([float(sum(self._targets(b) for b in batches)),
+                               float(sum(b["attention_mask"].sum() for b in batches))])
+        collectives.all_reduce(counts)
+        self.model.train()
+        loss_sum = torch.zeros(())
+        for batch in batches:
+            loss, _ = self._loss_sum(batch)
+            (loss / counts[0]).backward()
+            loss_sum += loss.detach().cpu()
+        self.position += t.grad_accum
+        collectives.all_reduce_coalesced([p.grad for p in self.params.values() if p.grad is not None])
+        ctx = StepContext(self.step, lr, self.optimizer)
+        self.controller.before_optimizer_step(ctx)
+        grads = [p for p in self.params.values() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(grads, t.max_grad_norm if t.max_grad_norm else math.inf)
+        self.optimizer.step()
+        self.controller.after_optimizer_step(ctx)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss = collectives.all_reduce(loss_sum).item() / counts[0].item()
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(norm), "tokens": int(counts[1])}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the held-out set (perplexity for LMs, accuracy for classification); each rank
+        takes every world-th batch and the sums are reduced."""
+        t, rt = self.cfg.train, self.rt
+        self.model.eval()
+        n_batches = math.ceil(len(self.eval_ds) / t.micro_batch_size)
+        if t.eval_batches:
+            n_batches = min(n_batches, t.eval_batches)
+        sums = torch.zeros(3)  # loss, targets, correct
+        for i in range(rt.rank, n_batches, rt.world):
+            rows = self.eval_ds.select(range(i * t.micro_batch_size, min((i + 1) * t.micro_batch_size, len(self.eval_ds))))
+            batch = self._batch(list(rows))
+            loss, correct = self._loss_sum(batch)
+            sums += torch.tensor([loss.item(), self._targets(batch), correct.item()])
+        collectives.all_reduce(sums)
+        mean = (sums[0] / sums[1]).item()
+        out = {"eval_loss": mean, "eval_accuracy": (sums[2] / sums[1]).item()}
+        if self.cfg.model.task == "causal_lm":
+            out["eval_ppl"] = math.exp(mean)
+        return out
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.run_dir, self.step), step=self.step,
+                                    data_position=self.position, config=self.cfg.to_dict(), params=self.params,
+                                    optimizer=self.optimizer, controller=self.controller)
+        ckpt.prune(self.run_dir, self.cfg.train.keep_checkpoints)
+        return path
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``train.steps``; return the summary (eval before/after, tokens/s, where files went)."""
+        t = self.cfg.train
+        before = self.evaluate()
+        self._log({"step": self.step, **before})
+        self.echo("held-out before: " + _fmt(before))
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.rt.is_main), desc="train",
+                   unit="step", dynamic_ncols=True)
+        tokens, seconds = 0, 0.0
+        ckpt_path = ckpt.latest_checkpoint(self.run_dir) if self.step >= t.steps else None
+        while self.step < t.steps:
+            start = time.perf_counter()
+            record = self.train_step()
+            seconds += time.perf_counter() - start
+            tokens += record["tokens"]
+            record["tokens_per_s"] = tokens / seconds
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens / seconds:.0f}")
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                self._log({"step": self.step, **self.evaluate()})
+            if self.rt.is_main and (self.step == t.steps or t.save_every and self.step % t.save_every == 0):
+                ckpt_path = self.save()
+        bar.close()
+        after = self.evaluate()
+        self._log({"step": self.step, **after})
+        adapter_dir = self.run_dir / "adapter"
+        if self.rt.is_main:
+            task = "SEQ_CLS" if self.cfg.model.task == "classification" else "CAUSAL_LM"
+            save_adapter(self.model, adapter_dir, base_model=self.cfg.model.source, task_type=task)
+        summary = {"eval_before": before, "eval_after": after, "tokens_per_s": tokens / seconds if seconds else None,
+                   "threads": torch.get_num_threads(), "adapter_dir": str(adapter_dir),
+                   "checkpoint": str(ckpt_path) if ckpt_path else None, "steps": self.step}
+        self.echo("held-out after:  " + _fmt(after))
+        self.echo(f"training throughput: {summary['tokens_per_s'] or 0:.1f} tokens/s "
+                  f"({summary['threads']} threads, {self.rt.world} rank(s))")
+        self.echo(f"adapter saved to {adapter_dir} (HF PEFT layout); checkpoint {ckpt_path}")
+        return summary
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items())

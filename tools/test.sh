@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite: installs if needed, then runs every test on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/install.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest -q tests "$@"
