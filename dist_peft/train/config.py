@@ -42,6 +42,9 @@ class TinyModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     tie_word_embeddings: bool = False
+    initializer_range: float = 0.15
+    """Std of the random weights; larger than Llama's 0.02 so that a frozen random head has logits an
+    adapter can move in a few steps."""
     seed: int = 0
     """Seed of the random weights: the same seed gives the same model in every process."""
 

@@ -93,11 +93,16 @@ def _pack(ds: datasets.Dataset, seq_len: int) -> datasets.Dataset:
 
 
 def _synthetic(cfg: DataConfig, vocab_size: int) -> datasets.Dataset:
-    """Random motifs of 8 tokens repeated to seq_len: learnable by copying, deterministic from the seed."""
+    """Token chains t_{i+1} = π(t_i) for one seeded permutation π of min(vocab, 256) tokens, from random
+    starts: a bigram map a model can learn in a few steps; deterministic from the seed."""
     g = torch.Generator().manual_seed(cfg.seed)
-    motifs = torch.randint(0, min(vocab_size, 256), (cfg.synthetic_examples, 8), generator=g)
-    ids = motifs.repeat(1, -(-cfg.seq_len // 8))[:, : cfg.seq_len].tolist()
-    return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    v = min(vocab_size, 256)
+    perm = torch.randperm(v, generator=g)
+    ids = torch.empty(cfg.synthetic_examples, cfg.seq_len, dtype=torch.long)
+    ids[:, 0] = torch.randint(0, v, (cfg.synthetic_examples,), generator=g)
+    for i in range(1, cfg.seq_len):
+        ids[:, i] = perm[ids[:, i - 1]]
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
 def build_datasets(cfg: DataConfig, tokenizer, vocab_size: int) -> tuple[datasets.Dataset, datasets.Dataset]:

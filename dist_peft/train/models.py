@@ -68,7 +68,8 @@ def build_tiny_llama(cfg: TinyModelConfig, task: str = "causal_lm", num_labels: 
                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
                          num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
                          tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=2048,
-                         pad_token_id=256, eos_token_id=257, num_labels=num_labels or 2)
+                         pad_token_id=256, eos_token_id=257, num_labels=num_labels or 2,
+                         initializer_range=cfg.initializer_range)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         cls = LlamaForSequenceClassification if task == "classification" else LlamaForCausalLM

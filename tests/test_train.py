@@ -1,0 +1,168 @@
+"""The training loop: exact resume, accumulation ≡ larger batch, hooks, checkpoints, config errors, export."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from dist_peft.cli import main
+from dist_peft.files import BadFileError
+from dist_peft.integrations.transformers import adapted_sites, load_adapter
+from dist_peft.methods.base import Controller
+from dist_peft.methods.lora import LoraAdapter
+from dist_peft.train import checkpoint as ckpt
+from dist_peft.train.config import ConfigError, TrainConfig, from_dict, load_config
+from dist_peft.train.export import export
+from dist_peft.train.loop import Trainer, lr_at
+from dist_peft.train.models import build_tiny_llama
+
+DROPOUT = {"name": "lora", "target_modules": ["q_proj", "v_proj", "down_proj"], "r": 4, "lora_alpha": 8,
+           "lora_dropout": 0.1}
+
+
+def _adapter_state(trainer):
+    return {n: p.detach().clone() for n, p in trainer.params.items()}
+
+
+def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path):
+    """6 steps straight vs 3 steps, stop, resume, 3 steps: identical losses and adapter weights (dropout and
+    gradient accumulation on, so RNG and data position must both be restored)."""
+    train = {"steps": 6, "micro_batch_size": 2, "grad_accum": 2}
+    straight = Trainer(tiny_config(tmp_path / "a", method=DROPOUT, train=train), echo=lambda m: None)
+    straight.run()
+    first = Trainer(tiny_config(tmp_path / "b", method=DROPOUT, train={**train, "steps": 3}), echo=lambda m: None)
+    first.run()
+    resumed = Trainer(tiny_config(tmp_path / "b", method=DROPOUT, train=train), echo=lambda m: None,
+                      resume=ckpt.latest_checkpoint(tmp_path / "b"))
+    assert resumed.step == 3
+    resumed.run()
+    losses = [r["loss"] for r in straight.history if "loss" in r]
+    assert losses[3:] == [r["loss"] for r in resumed.history if "loss" in r]
+    assert losses[:3] == [r["loss"] for r in first.history if "loss" in r]
+    for name, value in _adapter_state(straight).items():
+        assert torch.equal(value, resumed.params[name]), name
+
+
+def test_gradient_accumulation_equals_one_larger_batch(tmp_path):
+    """k micro-batches of b give the losses and weights of one micro-batch of k·b (token-normalised loss)."""
+    big = Trainer(tiny_config(tmp_path / "a", train={"steps": 3, "micro_batch_size": 4}), echo=lambda m: None)
+    acc = Trainer(tiny_config(tmp_path / "b", train={"steps": 3, "micro_batch_size": 2, "grad_accum": 2}),
+                  echo=lambda m: None)
+    big.run(), acc.run()
+    for a, b in zip([r["loss"] for r in big.history if "loss" in r], [r["loss"] for r in acc.history if "loss" in r]):
+        assert math.isclose(a, b, rel_tol=1e-5)
+    for name, value in _adapter_state(big).items():
+        torch.testing.assert_close(acc.params[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_training_lowers_heldout_loss_and_writes_logs(tmp_path):
+    summary = Trainer(tiny_config(tmp_path, train={"steps": 12, "eval_every": 6}), echo=lambda m: None).run()
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"] - 0.05
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 6, 12]
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] >= 0 for r in records if "loss" in r)
+
+
+class _Recorder(Controller):
+    calls: list = []
+
+    def before_optimizer_step(self, ctx):
+        grads = [a.lora_B.grad for a in self.adapters.values()]
+        self.calls.append(("before", ctx.step, all(g is not None for g in grads)))
+
+    def after_optimizer_step(self, ctx):
+        self.calls.append(("after", ctx.step, all(a.lora_B.grad is not None for a in self.adapters.values())))
+
+
+def test_controller_hooks_run_once_per_optimizer_step(tmp_path, monkeypatch):
+    """With grad_accum 3, each optimizer step calls before (gradients final) then after, exactly once."""
+    monkeypatch.setattr(LoraAdapter, "controller_cls", _Recorder)
+    _Recorder.calls = []
+    Trainer(tiny_config(tmp_path, train={"steps": 2, "micro_batch_size": 1, "grad_accum": 3}), echo=lambda m: None).run()
+    assert _Recorder.calls == [("before", 0, True), ("after", 0, True), ("before", 1, True), ("after", 1, True)]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=10, lr=1.0, warmup_steps=2, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(10)]
+    assert lrs[:3] == [0.5, 1.0, 1.0]
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    assert math.isclose(lr_at(10, cfg), 0.1)
+
+
+def test_corrupted_or_foreign_checkpoints_are_refused(tmp_path):
+    """An altered checkpoint fails its checksum; a checkpoint of another config is refused on resume."""
+    Trainer(tiny_config(tmp_path / "a", train={"steps": 2}), echo=lambda m: None).run()
+    path = ckpt.latest_checkpoint(tmp_path / "a")
+    other = tiny_config(tmp_path / "a", method={**DROPOUT, "r": 2}, train={"steps": 4})
+    with pytest.raises(ValueError, match="method.r"):
+        Trainer(other, resume=path, echo=lambda m: None)
+    data = bytearray((path / "state.safetensors").read_bytes())
+    data[len(data) // 2] ^= 1
+    (path / "state.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BadFileError, match="checksum"):
+        ckpt.load_checkpoint(path)
+
+
+def test_interrupted_checkpoint_write_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """A write that fails midway (tensors written, metadata not) leaves neither a partial folder under the
+    final name nor a temporary folder."""
+    trainer = Trainer(tiny_config(tmp_path, train={"steps": 1}), echo=lambda m: None)
+
+    def disk_full(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ckpt, "write_json", disk_full)
+    with pytest.raises(RuntimeError, match="disk full"):
+        trainer.save()
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    assert not list((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"steps": 0}}, "train.steps: must be > 0"),
+    ({"train": {"steps": 2, "learning_rate": 1}}, "train.learning_rate: unknown key"),
+    ({"method": {"name": "lora", "rank": 4}}, "method.rank: unknown key"),
+    ({"method": {"name": "lorax"}}, "method.name: unknown method 'lorax'"),
+    ({"data": {"source": "synthetic", "format": "instruction"}}, "data.format"),
+    ({"model": {"source": "tiny-llama", "dtype": "float8"}}, "model.dtype: must be one of"),
+])
+def test_bad_config_is_one_clear_error_naming_the_key(tmp_path, change, message):
+    raw = {"model": {"source": "tiny-llama"}, "method": {"name": "lora"}, "data": {"source": "synthetic"},
+           "train": {"steps": 2}, "output": {"dir": str(tmp_path)}}
+    raw.update(change)
+    with pytest.raises(ConfigError, match=message):
+        from_dict(raw)
+
+
+def test_cli_reports_bad_config_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {source: tiny-llama}\ntrain: {steps: -1}\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "error: train.steps: must be > 0" in capsys.readouterr().err
+
+
+def test_cli_train_resume_and_export(tmp_path, capsys):
+    """`dist-peft train`, `--resume` and `export` (adapter and merged) from the command line."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(open("configs/tiny-lora.yaml").read().replace("runs/tiny-lora", str(tmp_path / "run")))
+    assert main(["train", "--config", str(cfg), "--set", "train.steps=2", "--set", "train.progress=false"]) == 0
+    assert main(["train", "--config", str(cfg), "--resume", "--set", "train.steps=3",
+                 "--set", "train.progress=false"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    last = ckpt.latest_checkpoint(tmp_path / "run")
+    assert last.name == "step_0000003"
+    assert main(["export", "--checkpoint", str(last), "--out", str(tmp_path / "merged"), "--merged"]) == 0
+    assert main(["export", "--checkpoint", str(last), "--out", str(tmp_path / "adapter")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    config = load_config(cfg)
+    with_adapter = build_tiny_llama(config.model.tiny)
+    load_adapter(with_adapter, tmp_path / "adapter")
+    assert any(s.adapter.lora_B.abs().sum() > 0 for s in adapted_sites(with_adapter).values())
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-5)
