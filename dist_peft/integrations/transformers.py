@@ -77,15 +77,20 @@ def inject_adapters(model: nn.Module, method: str, cfg: Any, target_modules: Ite
         raise ValueError("the model already holds adapters")
     model.requires_grad_(False)
     found: set[str] = set()
+    sites: dict[str, tuple[Site, nn.Linear]] = {}
     for path, module in list(model.named_modules()):
         kind = path.rpartition(".")[2]
         if kind in targets and isinstance(module, nn.Linear):
-            site = Site(path, kind, _layer_index(path), module.out_features, module.in_features, module.weight)
-            _set_submodule(model, path, AdaptedLinear(module, entry.adapter_cls(site, ShardSpec(), cfg)))
+            sites[path] = Site(path, kind, _layer_index(path), module.out_features, module.in_features,
+                               module.weight), module
             found.add(kind)
         if kind in extra:
             module.requires_grad_(True)
             found.add(kind)
+    extra_kwargs = entry.adapter_cls.prepare([site for site, _ in sites.values()], cfg)
+    for path, (site, module) in sites.items():
+        adapter = entry.adapter_cls(site, ShardSpec(), cfg, **extra_kwargs.get(path, {}))
+        _set_submodule(model, path, AdaptedLinear(module, adapter))
     missing = (targets | extra) - found
     if missing:
         raise ValueError(f"target modules {sorted(missing)} match no nn.Linear / module of the model")

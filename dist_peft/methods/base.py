@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,9 @@ class Controller:
 
     def __init__(self, adapters: Mapping[str, "Adapter"]):
         self.adapters = dict(adapters)
+
+    def on_batch(self, batch: Mapping[str, Tensor]) -> None:
+        """Called before each micro-batch's forward with the collated batch (e.g. per-sample task ids)."""
 
     def before_optimizer_step(self, ctx: "StepContext") -> None:
         """Default: nothing to do (LoRA)."""
@@ -107,6 +110,17 @@ class Adapter(nn.Module, abc.ABC):
     @abc.abstractmethod
     def param_layouts(self) -> dict[str, ParamLayout]:
         """The layout of each trainable tensor under this adapter's ShardSpec."""
+
+    @classmethod
+    def prepare(cls, sites: Sequence[Site], cfg: Any) -> dict[str, dict[str, Any]]:
+        """Model-wide work before any adapter exists (e.g. a decomposition shared by all layers of a module
+        type): returns extra constructor keyword arguments per site name. Default: none."""
+        return {}
+
+    def optimizer_overrides(self) -> dict[str, dict[str, float]]:
+        """Optimizer options that differ from the run's for some trainable tensors, e.g. ``{"loc": {"lr":
+        1e-4}}``; an ``lr`` here follows the run's warmup/decay schedule in proportion. Default: none."""
+        return {}
 
     @staticmethod
     def peft_config(cfg: Any, target_modules: list[str]) -> dict[str, Any] | None:

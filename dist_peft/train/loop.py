@@ -16,16 +16,16 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from dist_peft.integrations.transformers import adapted_sites, inject_adapters, save_adapter, trainable_parameters, \
     trainable_summary
-from dist_peft.methods.base import StepContext
+from dist_peft.methods.base import Adapter, StepContext
 from dist_peft.parallel import collectives
 from dist_peft.parallel.runtime import init_runtime
 from dist_peft.train import checkpoint as ckpt
@@ -57,6 +57,17 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def build_optimizer(params: dict[str, nn.Parameter], adapters: Iterable[Adapter], t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``params`` in their fixed order; tensors with adapter ``optimizer_overrides`` get their own
+    group. Each group keeps ``initial_lr``; the schedule scales every group's lr by lr_at(step) / train.lr."""
+    overrides = {id(getattr(a, name)): opts for a in adapters for name, opts in a.optimizer_overrides().items()}
+    groups: dict[tuple, list[nn.Parameter]] = {}
+    for p in params.values():
+        groups.setdefault(tuple(sorted(overrides.get(id(p), {}).items())), []).append(p)
+    return torch.optim.AdamW([{"params": ps, **dict(key), "initial_lr": dict(key).get("lr", t.lr)}
+                              for key, ps in groups.items()], lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | Path | None = None, echo: Callable[[str], None] = print):
         self.cfg, t = cfg, cfg.train
@@ -72,8 +83,8 @@ class Trainer:
         self.model.to(self.rt.device)
         self.echo(f"{cfg.method.name} on {len(adapted_sites(self.model))} sites; {trainable_summary(self.model)}")
         self.params = trainable_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         adapters = {name: s.adapter for name, s in adapted_sites(self.model).items()}
+        self.optimizer = build_optimizer(self.params, adapters.values(), t)
         self.controller = next(iter(adapters.values())).controller_cls(adapters)
         self.train_ds, self.eval_ds = build_datasets(cfg.data, self.tokenizer, self.model.config.vocab_size)
         self.order = BatchOrder(len(self.train_ds), cfg.data.seed)
@@ -119,7 +130,7 @@ class Trainer:
         t, rt = self.cfg.train, self.rt
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["initial_lr"] * lr / t.lr
         batches = [self._batch(self.order.micro_batch(self.train_ds, self.position + i, t.micro_batch_size,
                                                        rt.rank, rt.world)) for i in range(t.grad_accum)]
         counts = torch.tensor([float(sum(self._targets(b) for b in batches)),
@@ -128,6 +139,7 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros(())
         for batch in batches:
+            self.controller.on_batch(batch)
             loss, _ = self._loss_sum(batch)
             (loss / counts[0]).backward()
             loss_sum += loss.detach().cpu()
@@ -157,6 +169,7 @@ class Trainer:
         for i in range(rt.rank, n_batches, rt.world):
             rows = self.eval_ds.select(range(i * t.micro_batch_size, min((i + 1) * t.micro_batch_size, len(self.eval_ds))))
             batch = self._batch(list(rows))
+            self.controller.on_batch(batch)
             loss, correct = self._loss_sum(batch)
             sums += torch.tensor([loss.item(), self._targets(batch), correct.item()])
         collectives.all_reduce(sums)
