@@ -45,7 +45,9 @@ def packaged_model_dir(name: str) -> Path:
     print(f"converting {pip_name}'s {gguf} to {out} (once per machine)", flush=True)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
-    model.config.quantization_config = None  # the weights are dequantized fp32 from here on
+    # The GGUF weights are dequantized to fp32 on load: drop the quantizer so the folder is a plain model.
+    model.config.quantization_config = None
+    model.hf_quantizer = None
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -1,0 +1,46 @@
+"""Run a module-level function on N local processes joined in a gloo process group (spawn start method).
+
+Results come back per rank (return plain Python or numpy values: tensors in a queue outlive no process); an exception on any rank is re-raised in the test. The group's timeout is short
+(60 s) so that a rank waiting on a failed peer ends instead of hanging the suite."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, kwargs, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        queue.put((rank, fn(**kwargs)))
+    except BaseException as e:  # noqa: BLE001 — handed to the parent
+        queue.put((rank, e))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_dist(fn, world: int, **kwargs) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_worker, args=(world, _free_port(), fn, kwargs, queue), nprocs=world, join=True,
+                       start_method="spawn")
+    results = dict(queue.get() for _ in range(world))
+    for value in results.values():
+        if isinstance(value, BaseException):
+            raise value
+    return results
