@@ -48,3 +48,28 @@ def test_collectives_and_data_parallel_training_match_single_process(tmp_path):
         torch.testing.assert_close(torch.from_numpy(r0["params"][name]), value.detach(), rtol=1e-4, atol=1e-6)
     # per step: one count reduction, one coalesced gradient reduction, one loss reduction (+ eval reductions)
     assert r0["run_trace"]["calls"]["all_reduce"] == 3 * 3 + 2
+
+
+def test_torchrun_launch_matches_single_process(tmp_path):
+    """launch/torchrun.sh with 2 ranks (the CLI path, process group from torchrun's environment) logs the
+    losses of the single-process run with the same global batch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(open("configs/tiny-lora.yaml").read().replace("runs/tiny-lora", str(tmp_path / "dp")))
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    sets = ["--set", "train.progress=false", "--set", "train.threads=1", "--set", "train.steps=3"]
+    subprocess.run(["bash", "launch/torchrun.sh", str(cfg), *sets, "--set", "train.micro_batch_size=2"],
+                   env=env, check=True, timeout=300, capture_output=True)
+    subprocess.run([sys.executable, "-m", "dist_peft.train", "--config", str(cfg), *sets,
+                    "--set", f"output.dir={tmp_path / 'single'}"], env=env, check=True, timeout=300, capture_output=True)
+
+    def losses(run):
+        return [r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
+
+    assert len(losses("dp")) == 3
+    torch.testing.assert_close(torch.tensor(losses("dp")), torch.tensor(losses("single")), rtol=1e-5, atol=0)
