@@ -1,7 +1,8 @@
 """``dist-peft``: train and export.
 
-    dist-peft train --config FILE [--resume [CHECKPOINT]] [--set train.steps=10 ...]
+    dist-peft train --config FILE [--resume [CHECKPOINT]] [--set train.steps=10 ...] [--launcher mpi]
     dist-peft export --checkpoint DIR --out DIR [--merged]
+    dist-peft precompute --config FILE [--set KEY=VALUE ...]
 
 A bad config or file ends the command with one ``error:`` line (exit code 2), before any model is built.
 """
@@ -9,6 +10,7 @@ A bad config or file ends the command with one ``error:`` line (exit code 2), be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -16,6 +18,7 @@ import sys
 import yaml
 
 from dist_peft.files import BadFileError
+from dist_peft.parallel.runtime import LaunchError, mpi_job
 from dist_peft.train.config import ConfigError
 
 
@@ -30,23 +33,43 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def _train(args: argparse.Namespace) -> dict:
-    from dist_peft.train import checkpoint as ckpt
-    from dist_peft.train.config import load_config
-    from dist_peft.train.loop import Trainer
+    from dist_peft.train.config import check_world_size, load_config
 
     cfg = load_config(args.config, _overrides(args.set))
-    resume = args.resume
-    if resume == "latest":
-        resume = ckpt.latest_checkpoint(cfg.output.dir)
-        if resume is None:
-            raise BadFileError(f"--resume: no checkpoint under {cfg.output.dir}/checkpoints")
-    return Trainer(cfg, resume=resume).run()
+
+    def fits(world: int) -> None:
+        check_world_size(cfg, world)
+
+    # mpi: rank, world and master from mpi4py (checked against the config first); an error aborts every rank
+    with mpi_job(fits) if args.launcher == "mpi" else contextlib.nullcontext():
+        fits(int(os.environ.get("WORLD_SIZE", "1")))  # the launcher's world, before the heavy imports
+        from dist_peft.train import checkpoint as ckpt
+        from dist_peft.train.loop import Trainer
+
+        resume = args.resume
+        if resume == "latest":
+            resume = ckpt.latest_checkpoint(cfg.output.dir)
+            if resume is None:
+                raise BadFileError(f"--resume: no checkpoint under {cfg.output.dir}/checkpoints")
+        return Trainer(cfg, resume=resume).run()
 
 
 def _export(args: argparse.Namespace) -> dict:
     from dist_peft.train.export import export
 
     return {"exported": str(export(args.checkpoint, args.out, merged=args.merged)), "merged": args.merged}
+
+
+def _precompute(args: argparse.Namespace) -> dict:
+    """The method's one-time model-wide work (``Adapter.prepare``; FRoD: the HJD bases, written to their cache)."""
+    from dist_peft.integrations.transformers import adapted_sites, inject_adapters
+    from dist_peft.train.config import load_config
+    from dist_peft.train.models import load_model
+
+    cfg = load_config(args.config, _overrides(args.set))
+    model, _ = load_model(cfg.model)
+    inject_adapters(model, cfg.method.name, cfg.method.options, cfg.method.target_modules)
+    return {"precomputed": cfg.method.name, "sites": len(adapted_sites(model))}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,12 +81,19 @@ def parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint folder (default: the run's latest)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by some launchers
+    t.add_argument("--launcher", choices=("env", "mpi"), default="env",
+                   help="env: torchrun / deepspeed / srun set RANK, WORLD_SIZE, ... (default); mpi: under mpirun, "
+                        "derive them with mpi4py (launch/mpirun.sh)")
     t.set_defaults(func=_train)
     e = sub.add_parser("export", help="write adapter files or merged weights from a checkpoint")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--merged", action="store_true", help="merge the adapter into the base weights")
     e.set_defaults(func=_export)
+    c = sub.add_parser("precompute", help="run a method's one-time preparation (FRoD: HJD bases to the cache)")
+    c.add_argument("--config", required=True)
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    c.set_defaults(func=_precompute)
     return p
 
 
@@ -73,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (ConfigError, BadFileError, FileNotFoundError) as e:
+    except (ConfigError, BadFileError, FileNotFoundError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

@@ -26,3 +26,20 @@ def tiny_config(run_dir, **sections):
     for key, value in sections.items():
         raw[key] = {**raw[key], **value}
     return from_dict(raw)
+
+
+def check_merge_round_trip(model, ids, merged_tol: float, restore_tol: float):
+    """Merging gives the unmerged logits (within merged_tol) and changes a base weight; unmerging restores every
+    base weight (within restore_tol). Returns the unmerged logits."""
+    from dist_peft.integrations.transformers import set_merged
+
+    weights = {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
+    unmerged = model(ids).logits
+    set_merged(model, True)
+    torch.testing.assert_close(model(ids).logits, unmerged, rtol=merged_tol, atol=merged_tol)
+    assert any(not torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
+    set_merged(model, False)
+    for n, p in model.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], rtol=0, atol=restore_tol)
+    return unmerged

@@ -1,12 +1,15 @@
 """Run a module-level function on N local processes joined in a gloo process group (spawn start method).
 
-Results come back per rank (return plain Python or numpy values: tensors in a queue outlive no process); an exception on any rank is re-raised in the test. The group's timeout is short
-(60 s) so that a rank waiting on a failed peer ends instead of hanging the suite."""
+Results come back per rank (return plain Python or numpy values: tensors in a queue outlive no process); an
+exception on any rank is re-raised in the test. The queue is drained before the processes are joined: a child
+that put more than a pipe buffer cannot exit until its data is read. The group's timeout is short (60 s) so
+that a rank waiting on a failed peer ends instead of hanging the suite."""
 
 from __future__ import annotations
 
 import datetime
 import os
+import queue as queue_mod
 import socket
 
 import torch
@@ -37,9 +40,18 @@ def _worker(rank, world, port, fn, kwargs, queue):
 def run_dist(fn, world: int, **kwargs) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_worker, args=(world, _free_port(), fn, kwargs, queue), nprocs=world, join=True,
-                       start_method="spawn")
-    results = dict(queue.get() for _ in range(world))
+    procs = mp.start_processes(_worker, args=(world, _free_port(), fn, kwargs, queue), nprocs=world,
+                               join=False, start_method="spawn")
+    results: dict = {}
+    while len(results) < world:
+        try:
+            rank, value = queue.get(timeout=2)
+        except queue_mod.Empty:
+            procs.join(timeout=0)  # raises when a rank died without reporting
+            continue
+        results[rank] = value
+    while not procs.join():
+        pass
     for value in results.values():
         if isinstance(value, BaseException):
             raise value

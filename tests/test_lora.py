@@ -7,8 +7,9 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
+from conftest import check_merge_round_trip
 from dist_peft.integrations.transformers import (adapted_sites, inject_adapters, load_adapter, merge_and_unload,
-                                                 save_adapter, set_merged)
+                                                 save_adapter)
 from dist_peft.methods.lora import LoraConfig
 from dist_peft.train.config import TinyModelConfig
 from dist_peft.train.models import build_tiny_llama
@@ -99,16 +100,8 @@ def test_peft_files_load_here_with_same_outputs(tmp_path):
 def test_merged_forward_equals_unmerged_forward():
     """merge → same logits; unmerge → base weights restored; merge_and_unload leaves plain linears."""
     model = _ours(LoraConfig(r=4, lora_alpha=8))
-    weights = {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
     ids = _ids()
-    unmerged = model(ids).logits
-    set_merged(model, True)
-    torch.testing.assert_close(model(ids).logits, unmerged, rtol=1e-5, atol=1e-5)
-    assert any(not torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
-    set_merged(model, False)
-    for n, p in model.named_parameters():
-        if n in weights:
-            torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6)
+    unmerged = check_merge_round_trip(model, ids, merged_tol=1e-5, restore_tol=1e-6)
     plain = merge_and_unload(model)
     assert not adapted_sites(plain)
     torch.testing.assert_close(plain(ids).logits, unmerged, rtol=1e-5, atol=1e-5)

@@ -12,9 +12,10 @@ from dist_peft.methods.base import Site
 from dist_peft.parallel.shard import ShardKind, ShardSpec
 
 
-def _run(adapter_cls, cfg, W, x, g, spec: ShardSpec, full_state):
+def _run(adapter_cls, cfg, W, x, g, spec: ShardSpec, full_state, adapter_kwargs=None):
     weight = spec.shard(W, spec.weight_dim) if spec.weight_dim is not None else W
-    adapter = adapter_cls(Site("layers.0.q_proj", "q_proj", 0, W.shape[0], W.shape[1], weight), spec, cfg)
+    adapter = adapter_cls(Site("layers.0.q_proj", "q_proj", 0, W.shape[0], W.shape[1], weight), spec, cfg,
+                          **(adapter_kwargs or {}))
     adapter.load_full(full_state)
     xs = (spec.shard(x, -1) if spec.kind is ShardKind.ROW else x).detach().clone().requires_grad_(True)
     y = adapter(xs, xs @ weight.T)
@@ -22,13 +23,17 @@ def _run(adapter_cls, cfg, W, x, g, spec: ShardSpec, full_state):
     return adapter, y.detach(), xs.grad
 
 
-def compare_with_unsplit(adapter_cls, cfg, W, full_state, kind: str, size: int, tokens: int = 5, atol=1e-5):
-    """Assert that ``size`` virtual shards of kind ``kind`` reproduce the unsplit outputs and gradients."""
+def compare_with_unsplit(adapter_cls, cfg, W, full_state, kind: str, size: int, tokens: int = 5, atol=1e-5,
+                         adapter_kwargs=None):
+    """Assert that ``size`` virtual shards of kind ``kind`` reproduce the unsplit outputs and gradients.
+    ``adapter_kwargs``: extra constructor arguments given to every shard's adapter alike (the replicated frozen
+    per-site data a method's ``prepare`` returns, e.g. FRoD's basis)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, W.shape[1], generator=gen)
     g = torch.randn(tokens, W.shape[0], generator=gen)
-    full, y_ref, xg_ref = _run(adapter_cls, cfg, W, x, g, ShardSpec(), full_state)
-    shards = [_run(adapter_cls, cfg, W, x, g, ShardSpec(kind, k, size), full_state) for k in range(size)]
+    full, y_ref, xg_ref = _run(adapter_cls, cfg, W, x, g, ShardSpec(), full_state, adapter_kwargs)
+    shards = [_run(adapter_cls, cfg, W, x, g, ShardSpec(kind, k, size), full_state, adapter_kwargs)
+              for k in range(size)]
     column = ShardKind(kind) is ShardKind.COLUMN
     y = torch.cat([s[1] for s in shards], -1) if column else sum(s[1] for s in shards)
     xg = sum(s[2] for s in shards) if column else torch.cat([s[2] for s in shards], -1)

@@ -60,6 +60,27 @@ CONFIGS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "frozen": frozen,
     "lora": ours("lora", r=16, lora_alpha=32),
     "peft-lora": peft_lora,
+    # LoCA with B = FourierFT's n_frequency (1000 coefficients per matrix, plus 2B location parameters):
+    # coefficient-only steps (the steady state; alternate_until=0), per path, and with location gradients too.
+    "loca-auto": ours("loca", n_frequency=1000, alternate_until=0),
+    "loca-spectral": ours("loca", n_frequency=1000, alternate_until=0, path="spectral"),
+    "loca-gathered": ours("loca", n_frequency=1000, alternate_until=0, path="gathered"),
+    "loca-dense": ours("loca", n_frequency=1000, alternate_until=0, path="dense"),
+    "loca-spectral-loc": ours("loca", n_frequency=1000, path="spectral"),
+    # FO-LoRA, 2 tasks at LoRA's rank; no task ids reach it here, so every sample is default_task 0 (plain GEMM).
+    "folora": ours("folora", r=16, lora_alpha=32, num_tasks=2),
+    "peft-fourierft": lambda model: __import__("peft").get_peft_model(
+        model, __import__("peft").FourierFTConfig(n_frequency=1000, target_modules=ALL)),
+    # FRoD at HF PEFT's defaults (s = 0.01, π = 1e-3); ours with its default sides (o_proj, down_proj: output).
+    "frod": ours("frod", sparse_rate=0.01),
+    "peft-frod": lambda model: __import__("peft").get_peft_model(
+        model, __import__("peft").FrodConfig(target_modules=ALL, sparse_rate=0.01, progressbar=False)),
+    # OD-LoRA and ScaLoRA do their work in Controller hooks (OD-LoRA: the switch to the OD form after step 1 of a
+    # one-step Phase I, then QR refreshes; ScaLoRA: the transform every I steps). Their timings mean something
+    # only where the step calls controller.before/after_optimizer_step (docs/methods/odlora.md, scalora.md).
+    "odlora": ours("odlora", r=16, lora_alpha=4, init_rounds=1, init_steps=1),
+    "scalora": ours("scalora", r=16, lora_alpha=32),
+    "scalora-i10": ours("scalora", r=16, lora_alpha=32, interval=10),
 }
 
 

@@ -12,6 +12,7 @@ config (written only for methods PEFT has), and ``dist_peft_adapter.json`` names
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -38,8 +39,7 @@ class AdaptedLinear(nn.Module):
         self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
-        return out if self.merged else self.adapter(x, out)
+        return self.base_layer(x) if self.merged else self.adapter.forward_site(x, self.base_layer)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -55,7 +55,8 @@ class AdaptedLinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base_layer.weight -= self.adapter.delta_weight().to(self.base_layer.weight.dtype)
+            weight = self.base_layer.weight
+            weight -= self.adapter.unmerge_delta(weight).to(weight.dtype)
             self.merged = False
 
 
@@ -68,9 +69,17 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def site_seed(seed: int, name: str) -> int:
+    """Adapter initialisation seed of one site: the run seed and the site name only, so that every engine
+    and parallel layout initialises every adapter exactly alike."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
 def inject_adapters(model: nn.Module, method: str, cfg: Any, target_modules: Iterable[str],
-                    extra_trainable: Iterable[str] = ()) -> dict[str, AdaptedLinear]:
-    """Freeze ``model`` and wrap every ``nn.Linear`` whose last name is in ``target_modules``."""
+                    extra_trainable: Iterable[str] = (), seed: int | None = None) -> dict[str, AdaptedLinear]:
+    """Freeze ``model`` and wrap every ``nn.Linear`` whose last name is in ``target_modules``. With ``seed``,
+    each adapter is initialised from ``site_seed(seed, path)`` (layout-independent); without, from the
+    global RNG in module order (as HF PEFT does)."""
     entry = get_method(method)
     targets, extra = set(target_modules), set(extra_trainable)
     if adapted_sites(model):
@@ -82,14 +91,17 @@ def inject_adapters(model: nn.Module, method: str, cfg: Any, target_modules: Ite
         kind = path.rpartition(".")[2]
         if kind in targets and isinstance(module, nn.Linear):
             sites[path] = Site(path, kind, _layer_index(path), module.out_features, module.in_features,
-                               module.weight), module
+                               module.weight, module.bias), module
             found.add(kind)
         if kind in extra:
             module.requires_grad_(True)
             found.add(kind)
     extra_kwargs = entry.adapter_cls.prepare([site for site, _ in sites.values()], cfg)
     for path, (site, module) in sites.items():
-        adapter = entry.adapter_cls(site, ShardSpec(), cfg, **extra_kwargs.get(path, {}))
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(site_seed(seed, path))
+            adapter = entry.adapter_cls(site, ShardSpec(), cfg, **extra_kwargs.get(path, {}))
         _set_submodule(model, path, AdaptedLinear(module, adapter))
     missing = (targets | extra) - found
     if missing:
@@ -129,7 +141,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def _file_state(model: nn.Module) -> dict[str, Tensor]:
     state = {}
     for path, site in adapted_sites(model).items():
-        for name in site.adapter.trainable_names:
+        for name in site.adapter.trainable_names + site.adapter.buffer_names:
             state[f"{KEY_PREFIX}{path}.{site.adapter.file_key(name)}"] = getattr(site.adapter, name)
     adapter_params = {id(p) for s in adapted_sites(model).values() for p in s.adapter.parameters()}
     for name, p in trainable_parameters(model).items():
@@ -148,17 +160,27 @@ def _describe(model: nn.Module) -> tuple[Adapter, list[str], list[str]]:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str = "", task_type: str = "CAUSAL_LM") -> Path:
-    """Write the adapter files atomically (with a checksum manifest) and return the folder."""
+    """Write the model's adapter files atomically (with a checksum manifest) and return the folder."""
     first, targets, extra = _describe(model)
-    ours = {"format_version": FORMAT_VERSION, "method": first.method_name, "config": dataclasses.asdict(first.cfg),
-            "target_modules": targets, "modules_to_save": extra, "base_model": base_model, "task_type": task_type}
-    peft = first.peft_config(first.cfg, targets)
+    state = {k[len(KEY_PREFIX):]: v for k, v in _file_state(model).items()}
+    return write_adapter_files(out_dir, state, first, targets, extra, base_model, task_type)
+
+
+def write_adapter_files(out_dir: str | Path, state: dict[str, Tensor], adapter: Adapter, targets: list[str],
+                        modules_to_save: list[str], base_model: str = "", task_type: str = "CAUSAL_LM") -> Path:
+    """Write full (unsplit) adapter tensors keyed ``<module path>.<file key>``; ``adapter`` is any one
+    adapter of the model (its method and config describe them all). Engines with sharded adapters gather
+    the full tensors first and call this on one rank."""
+    ours = {"format_version": FORMAT_VERSION, "method": adapter.method_name,
+            "config": dataclasses.asdict(adapter.cfg), "target_modules": targets,
+            "modules_to_save": modules_to_save, "base_model": base_model, "task_type": task_type}
+    peft = adapter.peft_config(adapter.cfg, targets)
     with atomic_dir(out_dir) as tmp:
-        save_tensors(tmp / ADAPTER_WEIGHTS, _file_state(model))
+        save_tensors(tmp / ADAPTER_WEIGHTS, {KEY_PREFIX + k: v for k, v in state.items()})
         write_json(tmp / OUR_CONFIG, ours)
         if peft is not None:
             write_json(tmp / PEFT_CONFIG, {**peft, "base_model_name_or_path": base_model, "task_type": task_type,
-                                           "modules_to_save": extra or None, "inference_mode": True})
+                                           "modules_to_save": modules_to_save or None, "inference_mode": True})
     return Path(out_dir)
 
 
@@ -202,6 +224,13 @@ def load_adapter(model: nn.Module, folder: str | Path) -> dict[str, AdaptedLinea
             raise BadFileError(f"{key}: shape {tuple(t.shape)} in file, {tuple(expected[key].shape)} in the model")
         if not torch.isfinite(t).all():
             raise BadFileError(f"{key}: non-finite values in {folder / ADAPTER_WEIGHTS}")
+    for path, site in adapted_sites(model).items():  # method-level value checks (e.g. LoCA locations in [0, 1])
+        adapter = site.adapter
+        try:
+            adapter.validate_loaded({n: tensors[f"{KEY_PREFIX}{path}.{adapter.file_key(n)}"]
+                                     for n in adapter.trainable_names})
+        except ValueError as err:
+            raise BadFileError(f"{folder / ADAPTER_WEIGHTS}: {err}") from err
     with torch.no_grad():
         for key, t in tensors.items():
             expected[key].copy_(t)

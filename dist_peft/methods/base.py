@@ -10,8 +10,9 @@ to cut full tensors into shards, to gather them for saving, and to reduce partia
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,9 @@ class Site:
     """n, global (unsplit)."""
     weight: Tensor
     """The local shard of W as the base layer holds it (frozen; never copied by an adapter)."""
+    bias: Tensor | None = None
+    """The bias b the base output includes (y = W x + b), local; None when the base adds none before the adapter
+    sees its output (no bias, or a row-parallel partial sum whose bias is added after the reduction)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,22 @@ class StepContext:
     lr: float
     """The learning rate this step uses."""
     optimizer: torch.optim.Optimizer
+    total_steps: int = 0
+    """Optimizer steps of the whole run (0: unknown), for schedules that depend on the run's length."""
+    optim_state: Any = None
+    """Per-parameter access to the optimizer's state (``dist_peft.train.optim_state.OptimizerState``); None
+    builds the ``torch.optim`` one from ``optimizer``. An engine with partitioned states passes its own."""
+    gathered: Callable[..., contextlib.AbstractContextManager] = lambda tensors, modify=False: contextlib.nullcontext()
+    """``with ctx.gathered(tensors, modify=False):`` holds the whole value of tensors that an engine partitions
+    (ZeRO-3 also partitions the frozen base weights, ``Site.weight``) on every rank; with ``modify=True`` the
+    values written inside are kept (every rank must write the same). A collective under ZeRO-3
+    (``integrations.deepspeed.gathered``); the default, for engines that partition nothing, does nothing."""
+
+    def __post_init__(self) -> None:
+        if self.optim_state is None:
+            from dist_peft.train.optim_state import TorchOptimizerState  # lazy: train imports methods
+
+            object.__setattr__(self, "optim_state", TorchOptimizerState(self.optimizer))
 
 
 class Adapter(nn.Module, abc.ABC):
@@ -89,6 +109,9 @@ class Adapter(nn.Module, abc.ABC):
     """Names of the trainable tensors; freezing, optimizer groups and save/load read this one declaration."""
     file_keys: ClassVar[Mapping[str, str]] = {}
     """Key of each trainable tensor in adapter files, below the site's path (default: its name)."""
+    buffer_names: ClassVar[tuple[str, ...]] = ()
+    """Non-trainable tensors that are part of the update (e.g. OD-LoRA's bases): written to adapter files beside
+    the trainable ones and restored by ``load_adapter``; never optimized (default: none)."""
     controller_cls: ClassVar[type[Controller]] = Controller
     method_name: ClassVar[str] = ""
     config_cls: ClassVar[type] = object
@@ -111,16 +134,36 @@ class Adapter(nn.Module, abc.ABC):
     def param_layouts(self) -> dict[str, ParamLayout]:
         """The layout of each trainable tensor under this adapter's ShardSpec."""
 
+    def buffer_layouts(self) -> dict[str, ParamLayout]:
+        """The layout of each tensor in ``buffer_names`` (for gathering them into adapter files). Default: none."""
+        return {}
+
     @classmethod
     def prepare(cls, sites: Sequence[Site], cfg: Any) -> dict[str, dict[str, Any]]:
         """Model-wide work before any adapter exists (e.g. a decomposition shared by all layers of a module
         type): returns extra constructor keyword arguments per site name. Default: none."""
         return {}
 
+    def unmerge_delta(self, merged_weight: Tensor) -> Tensor:
+        """The ΔW that unmerge subtracts from the merged weight (the base layer's, W + ΔW). Default:
+        ``delta_weight()``, right for updates that do not depend on W; a method whose ΔW is a function of W
+        (FRoD: ΔW = W K) recovers it from ``merged_weight``."""
+        return self.delta_weight()
+
+    def forward_site(self, x: Tensor, base: Callable[[Tensor], Tensor]) -> Tensor:
+        """The adapted site's output from its input and the frozen base layer as a function (x -> W x + b, in the
+        base's layout). Default: ``forward(x, base(x))``. A method whose update acts on the input (y = base(x̃),
+        FRoD) overrides this so that the base runs once on x̃ instead of adding W(x̃ - x) afterwards."""
+        return self(x, base(x))
+
     def optimizer_overrides(self) -> dict[str, dict[str, float]]:
         """Optimizer options that differ from the run's for some trainable tensors, e.g. ``{"loc": {"lr":
         1e-4}}``; an ``lr`` here follows the run's warmup/decay schedule in proportion. Default: none."""
         return {}
+
+    def validate_loaded(self, tensors: Mapping[str, Tensor]) -> None:
+        """Raise ValueError if tensors read from an adapter file (full, by trainable name; already checked
+        for shape and finiteness) hold values this method cannot use. Default: accept."""
 
     @staticmethod
     def peft_config(cfg: Any, target_modules: list[str]) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ own config dataclass (``methods/<name>.py``), whose validation errors are report
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -86,10 +87,13 @@ class MethodConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataConfig:
-    source: Literal["chatterbot", "bbc_news", "synthetic", "json"]
+class SourceConfig:
+    """One dataset and how its rows become token sequences: the keys of ``data`` and of each ``data.tasks``
+    entry."""
+
+    source: Literal["chatterbot", "bbc_news", "synthetic", "json"] | None = None
     """Packaged datasets (``chatterbot``, ``bbc_news``), random tokens (``synthetic``) or a local JSON-lines
-    file (``json``, with ``path``)."""
+    file (``json``, with ``path``). Required, except in a ``data`` section that lists ``tasks``."""
     format: Literal["causal_lm", "instruction", "classification"] = "causal_lm"
     """causal_lm: texts packed into blocks of seq_len; instruction: prompt/response pairs with the loss on the
     response only; classification: text and integer label."""
@@ -114,6 +118,42 @@ class DataConfig:
             raise ValueError("path: required exactly when source is json")
         if self.source == "synthetic" and self.format != "causal_lm":
             raise ValueError(f"format: synthetic data is causal_lm only, got {self.format}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig(SourceConfig):
+    """One task of a multitask run: a dataset with its own held-out set and metrics. Keys a task does not set
+    are taken from the ``data`` section (``seq_len``, ``seed``, ``eval_examples``, …)."""
+
+    name: str
+    """Metrics are logged per task as ``eval_<name>_loss`` (…_accuracy, …_ppl); letters, digits, ``_``, ``-``."""
+    weight: int = 1
+    """Share of the training mixture: every Σ weight consecutive examples hold exactly ``weight`` of this task."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.source is None:
+            raise ValueError("source: required for every task")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
+            raise ValueError(f"name: letters, digits, _ and - only, got {self.name!r}")
+        _positive(self, "weight")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(SourceConfig):
+    tasks: tuple[TaskConfig, ...] = ()
+    """Multitask training (e.g. FO-LoRA): one entry per task, task id = position in this list. Training
+    batches mix the tasks in proportion to their weights (``data.MixedOrder``); each is evaluated apart."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tasks and self.source is not None:
+            raise ValueError("source: give either data.source or data.tasks (each with its own source), not both")
+        if not self.tasks and self.source is None:
+            raise ValueError("source: required (or list data.tasks)")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: task names must be unique, got {names}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,22 +203,84 @@ class OutputConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO data parallelism (``integrations/deepspeed.py``); without this section the plain engine
+    runs (gradients summed in one all-reduce, optimizer state on every rank)."""
+
+    zero_stage: int = 2
+    """1 partitions the fp32 master weights and Adam moments over the ranks, 2 also the gradients, 3 also the
+    parameters, the frozen base weights included (stage 0 is the plain engine: leave the section out)."""
+    train_batch_size: int | None = None
+    """Examples per optimizer step over all ranks, as DeepSpeed's config has it. When set, a launch whose world
+    size W gives micro_batch_size × grad_accum × W ≠ train_batch_size is refused before any collective."""
+    param_persistence_threshold: int | None = None
+    """ZeRO-3: tensors with fewer elements stay whole on every rank (DeepSpeed's
+    stage3_param_persistence_threshold; None: DeepSpeed's default, 100000)."""
+    max_live_parameters: int | None = None
+    """ZeRO-3: gathered elements kept whole at once before the least recent are released (DeepSpeed's
+    stage3_max_live_parameters; None: its default, 1e9)."""
+    max_reuse_distance: int | None = None
+    """ZeRO-3: a gathered tensor needed again within this many elements is kept whole (DeepSpeed's
+    stage3_max_reuse_distance; None: its default, 1e9)."""
+    prefetch_bucket_size: int | None = None
+    """ZeRO-3: elements gathered ahead of use (DeepSpeed's stage3_prefetch_bucket_size; None: its default)."""
+    reduce_bucket_size: int | None = None
+    """Elements per gradient-reduction bucket (None: DeepSpeed's default, 5e8)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"zero_stage: must be 1, 2 or 3, got {self.zero_stage} (stage 0 is the plain engine: "
+                             f"leave out the deepspeed section)")
+        _positive(self, "train_batch_size", "reduce_bucket_size")
+        _positive(self, "param_persistence_threshold", "max_live_parameters", "max_reuse_distance",
+                  "prefetch_bucket_size", allow_zero=True)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     model: ModelConfig
     method: MethodConfig
     data: DataConfig
     train: TrainConfig
     output: OutputConfig
+    deepspeed: DeepSpeedConfig | None = None
+    """Present: the DeepSpeed ZeRO engine; absent: the plain engine."""
 
     def __post_init__(self) -> None:
-        if (self.model.task == "classification") != (self.data.format == "classification"):
+        formats = [t.format for t in self.data.tasks] or [self.data.format]
+        if any((self.model.task == "classification") != (f == "classification") for f in formats):
             raise ValueError("data.format: classification data needs model.task classification and vice versa")
+        num_tasks = getattr(self.method.options, "num_tasks", None)  # a multitask method (FO-LoRA)
+        if num_tasks is not None and num_tasks != (len(self.data.tasks) or 1):
+            raise ValueError(f"method.num_tasks: must equal the number of data.tasks ({len(self.data.tasks) or 1}), "
+                             f"got {num_tasks}")
+        per_rank = self.train.micro_batch_size * self.train.grad_accum
+        if self.deepspeed and self.deepspeed.train_batch_size and self.deepspeed.train_batch_size % per_rank:
+            raise ValueError(f"deepspeed.train_batch_size: {self.deepspeed.train_batch_size} is not a multiple of "
+                             f"train.micro_batch_size × train.grad_accum = {per_rank}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["method"] = {"name": self.method.name, "target_modules": list(self.method.target_modules),
                        **dataclasses.asdict(self.method.options)}
+        if not self.data.tasks:  # single-task configs keep their pre-multitask dict (checkpoints compare it)
+            del d["data"]["tasks"]
+        if self.deepspeed is None:  # plain-engine configs keep their pre-DeepSpeed dict
+            del d["deepspeed"]
         return _plain(d)
+
+
+def check_world_size(cfg: RunConfig, world: int) -> None:
+    """Refuse a launch of ``world`` ranks that the config's sizes do not fit (a ConfigError naming the key);
+    called before any process group or collective exists."""
+    ds = cfg.deepspeed
+    if ds is not None and ds.train_batch_size is not None:
+        per_rank = cfg.train.micro_batch_size * cfg.train.grad_accum
+        if per_rank * world != ds.train_batch_size:
+            raise ConfigError(f"deepspeed.train_batch_size: {ds.train_batch_size} examples per step do not split over "
+                              f"{world} ranks of train.micro_batch_size × train.grad_accum = {per_rank} "
+                              f"({per_rank} × {world} = {per_rank * world}); launch "
+                              f"{ds.train_batch_size // per_rank} ranks or change the config")
 
 
 def _plain(obj: Any) -> Any:
@@ -257,7 +359,17 @@ def from_dict(raw: Any) -> RunConfig:
         raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
     raw = dict(raw)
     method = _build_method(raw.pop("method", {}))
+    if "data" in raw:
+        raw["data"] = _inherit_task_keys(raw["data"])
     return build(RunConfig, {**raw, "method": method})
+
+
+def _inherit_task_keys(data: Any) -> Any:
+    """Each entry of ``data.tasks`` takes the data section's other keys as defaults."""
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), list):
+        return data
+    shared = {k: v for k, v in data.items() if k != "tasks"}
+    return {**data, "tasks": [{**shared, **t} if isinstance(t, dict) else t for t in data["tasks"]]}
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

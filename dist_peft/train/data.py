@@ -5,11 +5,16 @@ Formats:
   causal_lm       texts, each followed by EOS, concatenated and cut into blocks of ``seq_len`` (packing);
   instruction     (prompt, response) pairs in the tokenizer's chat template; the loss sees the response only;
   classification  text and an integer label.
+
+Multitask data (``data.tasks``): each task is built as above, its rows tagged with ``task_id`` (its position
+in the list), and the training sets are concatenated and read through a ``MixedOrder``; batches then carry
+``task_ids`` (one per sample) for methods that adapt per task (FO-LoRA).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from dist_peft.train.config import DataConfig
+from dist_peft.train.config import DataConfig, SourceConfig
 from dist_peft.train.models import _package_dir
 
 IGNORE = -100
@@ -45,7 +50,7 @@ def _bbc_news() -> list[dict[str, Any]]:
             for i, c in enumerate(classes) for f in sorted((root / c).glob("*.txt"))]
 
 
-def read_rows(cfg: DataConfig) -> datasets.Dataset:
+def read_rows(cfg: SourceConfig) -> datasets.Dataset:
     if cfg.source == "json":
         if not Path(cfg.path).is_file():
             raise FileNotFoundError(f"data.path: {cfg.path} does not exist")
@@ -54,7 +59,7 @@ def read_rows(cfg: DataConfig) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
-def _tokenize_instruction(batch: dict, tokenizer, cfg: DataConfig) -> dict:
+def _tokenize_instruction(batch: dict, tokenizer, cfg: SourceConfig) -> dict:
     out = {"input_ids": [], "labels": []}
     for prompt, response in zip(batch[cfg.prompt_field], batch[cfg.response_field]):
         if tokenizer.chat_template:
@@ -72,7 +77,7 @@ def _tokenize_instruction(batch: dict, tokenizer, cfg: DataConfig) -> dict:
     return out
 
 
-def _tokenize(ds: datasets.Dataset, tokenizer, cfg: DataConfig) -> datasets.Dataset:
+def _tokenize(ds: datasets.Dataset, tokenizer, cfg: SourceConfig) -> datasets.Dataset:
     if cfg.format == "instruction":
         fn = functools.partial(_tokenize_instruction, tokenizer=tokenizer, cfg=cfg)
     elif cfg.format == "classification":
@@ -92,7 +97,7 @@ def _pack(ds: datasets.Dataset, seq_len: int) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks})
 
 
-def _synthetic(cfg: DataConfig, vocab_size: int) -> datasets.Dataset:
+def _synthetic(cfg: SourceConfig, vocab_size: int) -> datasets.Dataset:
     """Token chains t_{i+1} = π(t_i) for one seeded permutation π of min(vocab, 256) tokens, from random
     starts: a bigram map a model can learn in a few steps; deterministic from the seed."""
     g = torch.Generator().manual_seed(cfg.seed)
@@ -105,7 +110,7 @@ def _synthetic(cfg: DataConfig, vocab_size: int) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
-def build_datasets(cfg: DataConfig, tokenizer, vocab_size: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+def build_datasets(cfg: SourceConfig, tokenizer, vocab_size: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, eval): the eval part is drawn first from the seeded shuffle, so it never overlaps training."""
     if cfg.source == "synthetic":
         ds = _synthetic(cfg, vocab_size)
@@ -129,6 +134,23 @@ def build_datasets(cfg: DataConfig, tokenizer, vocab_size: int) -> tuple[dataset
     return train, evl
 
 
+def build_data(cfg: DataConfig, tokenizer, vocab_size: int) -> tuple[datasets.Dataset, dict[str, datasets.Dataset],
+                                                                      BatchOrder]:
+    """(train, held-out sets by task name, order). One task: ``{"": eval}`` and a ``BatchOrder``. Several: rows
+    tagged with ``task_id``, training sets concatenated in task order and mixed by a ``MixedOrder``."""
+    if not cfg.tasks:
+        train, evl = build_datasets(cfg, tokenizer, vocab_size)
+        return train, {"": evl}, BatchOrder(len(train), cfg.seed)
+    trains, evals = [], {}
+    for t, task in enumerate(cfg.tasks):
+        train, evl = build_datasets(task, tokenizer, vocab_size)
+        trains.append(train.add_column("task_id", [t] * len(train)))
+        evals[task.name] = evl.add_column("task_id", [t] * len(evl))
+    order = MixedOrder([len(d) for d in trains], [task.weight for task in cfg.tasks], [task.seed for task in cfg.tasks],
+                       cfg.seed)
+    return datasets.concatenate_datasets(trains), evals, order
+
+
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
     """Right-pad to the longest sequence; padded label positions are ignored by the loss."""
     width = max(len(e["input_ids"]) for e in examples)
@@ -138,6 +160,8 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
         ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[i, : len(e["input_ids"])] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
+    if "task_id" in examples[0]:
+        batch["task_ids"] = torch.tensor([e["task_id"] for e in examples])
     if isinstance(examples[0]["labels"], int):
         batch["labels"] = torch.tensor([e["labels"] for e in examples])
     else:
@@ -167,3 +191,44 @@ class BatchOrder:
         one global micro-batch, so ``world`` ranks of size b see what one rank of size world·b sees."""
         start = (position * world + rank) * size
         return [ds[self.index(k)] for k in range(start, start + size)]
+
+    def task_micro_batch(self, ds: datasets.Dataset, task: int, position: int, size: int, rank: int = 0,
+                         world: int = 1) -> list[dict]:
+        """Micro-batch ``position`` of one task's own example stream (calibration); one task here: task 0."""
+        if task != 0:
+            raise ValueError(f"task {task}: this data has a single task (0)")
+        return self.micro_batch(ds, position, size, rank, world)
+
+
+class MixedOrder(BatchOrder):
+    """T task datasets concatenated (task t's rows start at offsets[t]) and mixed in proportion to integer
+    weights w_t. Global example k lies in cycle k // W (W = Σ w_t), whose W slots hold exactly w_t examples of
+    task t in a seeded random order; the j-th slot of task t reads example j of the task's own ``BatchOrder``
+    (its own seeded epochs). Everything is a function of k, so the data position alone resumes exactly."""
+
+    def __init__(self, sizes: list[int], weights: list[int], seeds: list[int], seed: int):
+        super().__init__(sum(sizes), seed)
+        self.tasks = [BatchOrder(n, s) for n, s in zip(sizes, seeds)]
+        self.offsets = [0, *itertools.accumulate(sizes)][:-1]
+        self.weights = weights
+        self.pattern = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(weights))
+        self._cycle: tuple[int, Tensor] = (-1, self.pattern)
+
+    def slot(self, k: int) -> tuple[int, int]:
+        """(task, j): global example k is example j of that task's stream."""
+        cycle, offset = divmod(k, len(self.pattern))
+        if self._cycle[0] != cycle:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + cycle) % 2**63)
+            self._cycle = (cycle, self.pattern[torch.randperm(len(self.pattern), generator=g)])
+        tasks = self._cycle[1]
+        task = int(tasks[offset])
+        return task, cycle * self.weights[task] + int((tasks[:offset] == task).sum())
+
+    def index(self, k: int) -> int:
+        task, j = self.slot(k)
+        return self.offsets[task] + self.tasks[task].index(j)
+
+    def task_micro_batch(self, ds: datasets.Dataset, task: int, position: int, size: int, rank: int = 0,
+                         world: int = 1) -> list[dict]:
+        start = (position * world + rank) * size
+        return [ds[self.offsets[task] + self.tasks[task].index(j)] for j in range(start, start + size)]

@@ -16,8 +16,13 @@ def export(checkpoint: str | Path, out: str | Path, merged: bool = False) -> Pat
     c = ckpt.load_checkpoint(checkpoint)
     cfg = from_dict(c.config)
     model, tokenizer = load_model(cfg.model)
-    inject_adapters(model, cfg.method.name, cfg.method.options, cfg.method.target_modules, cfg.model.trainable_modules)
+    sites = inject_adapters(model, cfg.method.name, cfg.method.options, cfg.method.target_modules,
+                            cfg.model.trainable_modules, seed=cfg.train.seed)
     ckpt.restore_params(c, trainable_parameters(model))
+    # Method state that is not a trainable tensor (e.g. FO-LoRA's masks) comes back through the controller.
+    adapters = {name: s.adapter for name, s in sites.items()}
+    next(iter(adapters.values())).controller_cls(adapters).load_state_dict(
+        {k[len("method/"):]: v for k, v in c.tensors.items() if k.startswith("method/")})
     if not merged:
         task = "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
         return save_adapter(model, out, base_model=cfg.model.source, task_type=task)

@@ -7,6 +7,13 @@ Order of one optimizer step (the methods' hooks depend on it):
   forward/backward of every micro-batch (loss normalised by the step's target count over all ranks)
   → data-parallel gradient reduction → controller.before_optimizer_step → clip → optimizer.step
   → controller.after_optimizer_step → zero_grad.
+Once before the first step (not on resume): controller.calibrate(draw, backward) where the method defines it.
+With a ``deepspeed`` section the same order runs on DeepSpeed's ZeRO engine (``integrations/deepspeed.py``: its
+backward reduces the gradients, its step clips and updates), built after calibration or resume (both run on
+the plain model; a resumed checkpoint's tensors then go into DeepSpeed's partitions).
+Multitask data (``data.tasks``): batches carry per-sample ``task_ids`` (controller.on_batch hands them to the
+adapters), each task is evaluated on its own held-out set, and ``controller.step_metrics`` (if any) joins the
+step's log record.
 """
 
 from __future__ import annotations
@@ -29,8 +36,8 @@ from dist_peft.methods.base import Adapter, StepContext
 from dist_peft.parallel import collectives
 from dist_peft.parallel.runtime import init_runtime
 from dist_peft.train import checkpoint as ckpt
-from dist_peft.train.config import RunConfig, TrainConfig
-from dist_peft.train.data import IGNORE, BatchOrder, build_datasets, collate
+from dist_peft.train.config import RunConfig, TrainConfig, check_world_size
+from dist_peft.train.data import IGNORE, build_data, collate
 from dist_peft.train.models import load_model
 
 
@@ -71,37 +78,74 @@ def build_optimizer(params: dict[str, nn.Parameter], adapters: Iterable[Adapter]
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | Path | None = None, echo: Callable[[str], None] = print):
         self.cfg, t = cfg, cfg.train
-        self.rt = init_runtime()
+        self.rt = init_runtime(world_check=lambda world: check_world_size(cfg, world))
         self.echo = echo if self.rt.is_main else (lambda _msg: None)
         if t.threads:
             torch.set_num_threads(t.threads)
         self.run_dir = Path(cfg.output.dir)
         self.model, self.tokenizer = load_model(cfg.model)
-        torch.manual_seed(t.seed)  # adapter initialisation and dropout draw from here on
+        torch.manual_seed(t.seed)  # dropout and any trainable head draw from here on
         inject_adapters(self.model, cfg.method.name, cfg.method.options, cfg.method.target_modules,
-                        cfg.model.trainable_modules)
+                        cfg.model.trainable_modules, seed=t.seed)
         self.model.to(self.rt.device)
         self.echo(f"{cfg.method.name} on {len(adapted_sites(self.model))} sites; {trainable_summary(self.model)}")
         self.params = trainable_parameters(self.model)
         adapters = {name: s.adapter for name, s in adapted_sites(self.model).items()}
         self.optimizer = build_optimizer(self.params, adapters.values(), t)
         self.controller = next(iter(adapters.values())).controller_cls(adapters)
-        self.train_ds, self.eval_ds = build_datasets(cfg.data, self.tokenizer, self.model.config.vocab_size)
-        self.order = BatchOrder(len(self.train_ds), cfg.data.seed)
+        self.train_ds, self.eval_sets, self.order = build_data(cfg.data, self.tokenizer, self.model.config.vocab_size)
         self.step = self.position = 0
         self.history: list[dict[str, Any]] = []
-        if resume is not None:
-            self._resume(Path(resume))
+        self.ds = None  # calibration and resume run on the plain model (_loss_sum reads self.ds)
+        c = self._resume(Path(resume)) if resume is not None else None
+        if c is None:
+            self._calibrate()  # on the plain model: before DeepSpeed takes the gradients over
+        self.ds = self._zero_engine()  # partitions the model as calibrated or restored
+        if c is not None and self.ds is not None:
+            self.ds.restore(c)  # the checkpoint's whole tensors into DeepSpeed's partitions
 
-    def _resume(self, path: Path) -> None:
+    def _zero_engine(self):
+        """DeepSpeed's ZeRO engine around the model and optimizer when the config has a deepspeed section."""
+        if self.cfg.deepspeed is None:
+            return None
+        from dist_peft.integrations.deepspeed import ZeroEngine  # deepspeed is imported only when configured
+
+        return ZeroEngine(self.model, self.optimizer, self.params, self.cfg)
+
+    def _resume(self, path: Path) -> ckpt.Checkpoint:
         c = ckpt.load_checkpoint(path)
-        changed = _config_changes(c.config, self.cfg.to_dict()) - RESUMABLE_CHANGES
+        # Decision (issue 7): every engine writes whole tensors in one format, so the deepspeed section may change.
+        changed = {k for k in _config_changes(c.config, self.cfg.to_dict()) if k.split(".")[0] != "deepspeed"}
+        changed -= RESUMABLE_CHANGES
         if changed:
-            raise ValueError(f"--resume {path}: the checkpoint was written with a different {', '.join(sorted(changed))}; "
-                             f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume")
+            raise ValueError(f"--resume {path}: the checkpoint was written with a different "
+                             f"{', '.join(sorted(changed))}; only {', '.join(sorted(RESUMABLE_CHANGES))} and the "
+                             f"deepspeed section may change on resume")
         ckpt.restore(c, self.params, self.optimizer, self.controller)
         self.step, self.position = c.step, c.data_position
         self.echo(f"resumed from {path} at step {self.step}")
+        return c
+
+    def _calibrate(self) -> None:
+        """One-time data-dependent set-up before the first step, for a method whose controller defines
+        ``calibrate(draw, backward)`` (FO-LoRA's frequency allocation): ``draw(task, i)`` is micro-batch i of the
+        task's own training stream (this rank's slice), ``backward`` backpropagates its summed loss. A resumed run
+        restores the result from the checkpoint's controller state instead."""
+        calibrate = getattr(self.controller, "calibrate", None)
+        if calibrate is None:
+            return
+        t, rt = self.cfg.train, self.rt
+
+        def draw(task: int, i: int) -> dict[str, Tensor]:
+            return self._batch(self.order.task_micro_batch(self.train_ds, task, i, t.micro_batch_size, rt.rank,
+                                                           rt.world))
+
+        def backward(batch: dict[str, Tensor]) -> None:
+            self.model.train()
+            self._loss_sum(batch)[0].backward()
+
+        calibrate(draw, backward)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _autocast(self):
         if self.cfg.train.precision == "bf16":
@@ -111,7 +155,8 @@ class Trainer:
     def _loss_sum(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(sum of per-target cross-entropies, number of correct argmax predictions)."""
         with self._autocast():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            model = self.model if self.ds is None else self.ds.module
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits, labels = logits.float(), batch["labels"]
         if labels.dim() == 2:  # causal LM: position i predicts token i + 1
             logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
@@ -138,40 +183,61 @@ class Trainer:
         collectives.all_reduce(counts)
         self.model.train()
         loss_sum = torch.zeros(())
-        for batch in batches:
+        for i, batch in enumerate(batches):
             self.controller.on_batch(batch)
             loss, _ = self._loss_sum(batch)
-            (loss / counts[0]).backward()
+            if self.ds is not None:
+                self.ds.backward(loss / counts[0], last=i == len(batches) - 1)
+            else:
+                (loss / counts[0]).backward()
             loss_sum += loss.detach().cpu()
         self.position += t.grad_accum
-        collectives.all_reduce_coalesced([p.grad for p in self.params.values() if p.grad is not None])
-        ctx = StepContext(self.step, lr, self.optimizer)
-        self.controller.before_optimizer_step(ctx)
-        grads = [p for p in self.params.values() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(grads, t.max_grad_norm if t.max_grad_norm else math.inf)
-        self.optimizer.step()
-        self.controller.after_optimizer_step(ctx)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.ds is not None:  # hooks, clip, step and zero_grad in the order above, on DeepSpeed's partitions
+            norm = self.ds.optimizer_step(self.controller, self.ds.step_context(self.step, lr, t.steps))
+        else:
+            collectives.all_reduce_coalesced([p.grad for p in self.params.values() if p.grad is not None])
+            ctx = StepContext(self.step, lr, self.optimizer, total_steps=t.steps)
+            self.controller.before_optimizer_step(ctx)
+            grads = [p for p in self.params.values() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(grads, t.max_grad_norm if t.max_grad_norm else math.inf)
+            self.optimizer.step()
+            self.controller.after_optimizer_step(ctx)
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         loss = collectives.all_reduce(loss_sum).item() / counts[0].item()
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(norm), "tokens": int(counts[1])}
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(norm), "tokens": int(counts[1]),
+                **getattr(self.controller, "step_metrics", {})}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the held-out set (perplexity for LMs, accuracy for classification); each rank
+        """Held-out metrics. Multitask data: each task's metrics as ``eval_<task>_<metric>`` and ``eval_loss``
+        the unweighted mean of the tasks' losses."""
+        if "" in self.eval_sets:
+            return self._evaluate_set(self.eval_sets[""])
+        out = {f"eval_{name}_{k[5:]}": v for name, ds in self.eval_sets.items()
+               for k, v in self._evaluate_set(ds).items()}
+        return {"eval_loss": sum(out[f"eval_{name}_loss"] for name in self.eval_sets) / len(self.eval_sets), **out}
+
+    def _evaluate_set(self, eval_ds) -> dict[str, float]:
+        """Mean loss over one held-out set (perplexity for LMs, accuracy for classification); each rank
         takes every world-th batch and the sums are reduced."""
         t, rt = self.cfg.train, self.rt
         self.model.eval()
-        n_batches = math.ceil(len(self.eval_ds) / t.micro_batch_size)
+        n_batches = math.ceil(len(eval_ds) / t.micro_batch_size)
         if t.eval_batches:
             n_batches = min(n_batches, t.eval_batches)
         sums = torch.zeros(3)  # loss, targets, correct
-        for i in range(rt.rank, n_batches, rt.world):
-            rows = self.eval_ds.select(range(i * t.micro_batch_size, min((i + 1) * t.micro_batch_size, len(self.eval_ds))))
+        # ZeRO-3 gathers weights inside every forward (collectives): then all ranks run as many forwards, the
+        # ranks past the last batch repeating it without counting it.
+        lockstep = self.ds is not None and self.cfg.deepspeed.zero_stage == 3
+        for i in range(rt.rank, math.ceil(n_batches / rt.world) * rt.world if lockstep else n_batches, rt.world):
+            b = min(i, n_batches - 1)
+            rows = eval_ds.select(range(b * t.micro_batch_size, min((b + 1) * t.micro_batch_size, len(eval_ds))))
             batch = self._batch(list(rows))
             self.controller.on_batch(batch)
             loss, correct = self._loss_sum(batch)
-            sums += torch.tensor([loss.item(), self._targets(batch), correct.item()])
+            if i < n_batches:
+                sums += torch.tensor([loss.item(), self._targets(batch), correct.item()])
         collectives.all_reduce(sums)
         mean = (sums[0] / sums[1]).item()
         out = {"eval_loss": mean, "eval_accuracy": (sums[2] / sums[1]).item()}
@@ -179,10 +245,16 @@ class Trainer:
             out["eval_ppl"] = math.exp(mean)
         return out
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write a checkpoint from rank 0 (None elsewhere). Under DeepSpeed every rank must call it: the whole
+        tensors are gathered from the partitions first."""
+        state = (self.params, self.optimizer, self.controller) if self.ds is None else \
+            self.ds.full_state(self.controller)
+        if not self.rt.is_main:
+            return None
         path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.run_dir, self.step), step=self.step,
-                                    data_position=self.position, config=self.cfg.to_dict(), params=self.params,
-                                    optimizer=self.optimizer, controller=self.controller)
+                                    data_position=self.position, config=self.cfg.to_dict(), params=state[0],
+                                    optimizer=state[1], controller=state[2])
         ckpt.prune(self.run_dir, self.cfg.train.keep_checkpoints)
         return path
 
@@ -214,15 +286,16 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens / seconds:.0f}")
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                 self._log({"step": self.step, **self.evaluate()})
-            if self.rt.is_main and (self.step == t.steps or t.save_every and self.step % t.save_every == 0):
+            if self.step == t.steps or t.save_every and self.step % t.save_every == 0:
                 ckpt_path = self.save()
         bar.close()
         after = self.evaluate()
         self._log({"step": self.step, **after})
         adapter_dir = self.run_dir / "adapter"
-        if self.rt.is_main:
-            task = "SEQ_CLS" if self.cfg.model.task == "classification" else "CAUSAL_LM"
-            save_adapter(self.model, adapter_dir, base_model=self.cfg.model.source, task_type=task)
+        with contextlib.nullcontext() if self.ds is None else self.ds.gathered_params():
+            if self.rt.is_main:
+                task = "SEQ_CLS" if self.cfg.model.task == "classification" else "CAUSAL_LM"
+                save_adapter(self.model, adapter_dir, base_model=self.cfg.model.source, task_type=task)
         summary = {"eval_before": before, "eval_after": after, "tokens_per_s": tokens / seconds if seconds else None,
                    "threads": torch.get_num_threads(), "adapter_dir": str(adapter_dir),
                    "checkpoint": str(ckpt_path) if ckpt_path else None, "steps": self.step}

@@ -1,0 +1,448 @@
+"""DeepSpeed ZeRO-1/2/3 for the transformers path: the training loop's engine when a run has a ``deepspeed``
+section (pinned: deepspeed 0.19.8).
+
+What each stage partitions over the data-parallel ranks (P ranks, adapter tensors θ, frozen weights W):
+  ZeRO-1: the fp32 master copy of θ and its Adam moments (each rank steps 1/P of θ);
+  ZeRO-2: also the reduced gradients of θ;
+  ZeRO-3: also θ itself and every frozen W of the model (gathered per module for its forward/backward).
+
+Set-up order (``ZeroEngine.__init__``; each step needs the one before):
+  1. the model holds its adapters and the client ``torch.optim.AdamW`` exists (``loop.build_optimizer``: one
+     group per set of optimizer options, each with its ``initial_lr``);
+  2. ``deepspeed.initialize`` wraps both (stage 3 partitions every parameter here); the client optimizer becomes
+     DeepSpeed's inner optimizer over flat fp32 partitions, one per group, and keeps its ``param_groups``, so
+     the loop's learning-rate schedule still writes ``group["lr"]``;
+  3. ZeRO-3 only: each adapted site's frozen weight is registered as an external parameter of its
+     ``AdaptedLinear``, so it stays gathered through the adapter's forward too (``Site.weight`` is whole
+     wherever an adapter reads it) at no extra communication: the base layer's forward gathers it anyway.
+
+One optimizer step (``loop.Trainer.train_step``):
+  forward/backward of every micro-batch through the engine (DeepSpeed reduces the gradients at the last one)
+  → controller.before_optimizer_step → DeepSpeed's step (clip by the global norm, AdamW, zero the gradients)
+  → controller.after_optimizer_step.
+
+Decision (issue 7, gradient scale): DeepSpeed averages gradients over the P ranks, while the plain engine sums
+them (each rank's loss is already normalised by the whole step's target count). A hook on each trainable
+tensor multiplies the gradient flowing into it by P (exact for P a power of two), and accumulation scaling is
+off (``scale_wrt_gas=False``): the reduced gradient is then the plain engine's, so losses and weights equal the
+single-process run. Scaling the loss instead would also scale every activation gradient that a method records
+in its own backward hooks (FO-LoRA's refit), so it is not done.
+
+Decision (issue 7, controllers run unchanged): a controller hook that a method overrides runs inside
+``ZeroEngine.controller_view``: each trainable tensor holds its whole current value (gathered under ZeRO-3)
+and, before the step, its whole reduced gradient in ``.grad`` (None when the forward gave it none); values a
+hook writes go back to DeepSpeed's fp32 master copy (``safe_set_full_fp32_param``) and gradients to its
+partitions (``safe_set_full_grad``) — only the ones that changed, so a bf16 run never rounds an untouched
+master copy. Adam moments are reached through ``ZeroOptimizerState`` (the ``safe_get/set_full_optimizer_state``
+accessors). Frozen weights are reached through ``StepContext.gathered`` = ``gathered`` below
+(``deepspeed.zero.GatheredParameters``). Every rank must make the same writes (they do: hooks are
+deterministic functions of replicated values).
+
+Decision (issue 7, tensors without a gradient): torch's AdamW skips a tensor whose ``.grad`` is None (no
+moment decay, no step count, no weight decay); DeepSpeed would step its zero-filled partition. The engine
+records which tensors received a gradient in the step and hides the flat partitions of groups that received
+none from the inner optimizer's step (a step pre-hook sets their ``.grad`` to None, the post-hook restores
+it), which is torch's own skip. A group that is partly without gradient cannot be skipped in part (one flat
+tensor, one step counter): that is refused with the remedy (give those tensors their own group through
+``Adapter.optimizer_overrides``).
+
+Decision (issue 7, checkpoints): checkpoints hold whole tensors (the fp32 master of every adapter tensor and
+its whole Adam moments, gathered with DeepSpeed's accessors), in the plain engine's format: a ZeRO-3 run's
+checkpoint loads in one process, exports merged weights, and resumes under any stage or world size.
+
+Decision (cpu_stack.md §5): on the CPU accelerator ``deepspeed.comm`` would JIT-compile a shared-memory op used
+only by inference all-reduce (~70 s); it is skipped. The client AdamW means no DeepSpeed optimizer kernel is
+ever compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import warnings
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from dist_peft.integrations.transformers import adapted_sites
+from dist_peft.methods.base import Controller, StepContext
+from dist_peft.parallel import collectives
+from dist_peft.parallel.runtime import ensure_process_group
+from dist_peft.train import checkpoint as ckpt
+from dist_peft.train.config import RunConfig
+from dist_peft.train.optim_state import OptimizerState
+
+
+def ds_config(cfg: RunConfig, world: int) -> dict[str, Any]:
+    """The DeepSpeed config of a run: batch sizes, clipping, precision and ZeRO options from ``cfg``."""
+    t, z = cfg.train, cfg.deepspeed
+    zero: dict[str, Any] = {"stage": z.zero_stage}
+    for ours, theirs in (("reduce_bucket_size", "reduce_bucket_size"),
+                         ("param_persistence_threshold", "stage3_param_persistence_threshold"),
+                         ("max_live_parameters", "stage3_max_live_parameters"),
+                         ("max_reuse_distance", "stage3_max_reuse_distance"),
+                         ("prefetch_bucket_size", "stage3_prefetch_bucket_size")):
+        if getattr(z, ours) is not None:
+            zero[theirs] = getattr(z, ours)
+    return {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum,
+            "train_batch_size": t.micro_batch_size * t.grad_accum * world,
+            "gradient_clipping": t.max_grad_norm or 0.0, "bf16": {"enabled": t.precision == "bf16"},
+            "zero_optimization": zero, "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+
+
+def _import_deepspeed():
+    """Import deepspeed quietly; on the CPU accelerator skip the shared-memory op build (module docstring)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # ``import deepspeed.comm.torch`` would bind the torch module itself (deepspeed.comm has a ``torch``
+        # attribute), so the patch must go through importlib (cpu_stack.md §5).
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import deepspeed
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    # DeepSpeed 0.19.8 calls torch's deprecated all_gather_into_tensor / reduce_scatter_tensor on every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(all_gather_into|reduce_scatter)_tensor")
+    return deepspeed
+
+
+def gathered(tensors: Iterable[Tensor], modify: bool = False) -> contextlib.AbstractContextManager:
+    """The access point to tensors that ZeRO-3 partitions (frozen weights, adapter tensors): inside the context
+    each holds its whole value on every rank; with ``modify=True`` the values written inside are partitioned
+    back on exit (rank 0's copy is kept, so every rank must write the same). A collective: every rank enters
+    it with the same tensors. Tensors no engine partitions pass through unchanged (no communication)."""
+    tensors = list(tensors)
+    if not any(hasattr(t, "ds_id") for t in tensors):
+        return contextlib.nullcontext()
+    return _import_deepspeed().zero.GatheredParameters(tensors, modifier_rank=0 if modify else None)
+
+
+def _flat_groups(zero_opt: Any) -> list[tuple[list[nn.Parameter], Tensor]]:
+    """(the model tensors, their flat fp32 partition on this rank) per group of DeepSpeed's ZeRO optimizer."""
+    if hasattr(zero_opt, "fp32_partitioned_groups_flat"):  # ZeRO-3 (sub-groups of the param groups)
+        return list(zip(zero_opt.fp16_groups, zero_opt.fp32_partitioned_groups_flat))
+    return list(zip(zero_opt.bit16_groups, zero_opt.single_partition_of_fp32_groups))  # ZeRO-1/2
+
+
+class ZeroOptimizerState(OptimizerState):
+    """``OptimizerState`` over DeepSpeed's partitioned AdamW state, through the ``safe_get/set_full_*``
+    accessors (each a collective: every rank calls them in the same order).
+
+    The inner optimizer keeps one step counter per flat group, and DeepSpeed steps every group at every step,
+    so ``step`` is the group's counter and ``clear`` must take whole groups (it refuses part of one)."""
+
+    def __init__(self, zero_optimizer: Any):
+        self.zero = zero_optimizer
+        self.inner: torch.optim.Optimizer = zero_optimizer.optimizer
+        self.groups = _flat_groups(zero_optimizer)
+        self.group_of = {id(p): i for i, (ps, _) in enumerate(self.groups) for p in ps}
+        self.linked = not hasattr(zero_optimizer, "bit16_groups")  # ZeRO-3 reads the inner state directly
+
+    def _state(self, param: Tensor) -> dict[str, Any]:
+        """The inner optimizer's state of ``param``'s flat group ({} before the first step)."""
+        state = self.inner.state.get(self.groups[self.group_of[id(param)]][1], {})
+        if state and not self.linked:
+            self._link()
+        return state
+
+    def _link(self) -> None:
+        """Point every ZeRO-1/2 tensor's fragment at its group's state. DeepSpeed 0.19.8 links all groups once,
+        after the first group's first step, so later groups of a multi-group optimizer stay unlinked and its
+        ``safe_*_optimizer_state`` fail on them; linking again is idempotent (views, no copies)."""
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+        for params, flat in self.groups:
+            if self.inner.state.get(flat):
+                lazy_init_hp_params_optimizer_state(params, flat, self.inner.state)
+        self.linked = all(self.inner.state.get(flat) for _, flat in self.groups)
+
+    def get(self, param: Tensor, key: str) -> Tensor | None:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        state = self._state(param)
+        if key not in state:
+            return None
+        if key == "step":
+            return state[key]
+        return safe_get_full_optimizer_state(param, key).view(_full_shape(param))
+
+    @torch.no_grad()
+    def set(self, param: Tensor, key: str, value: Tensor) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        state = self._state(param)
+        if key not in state:
+            raise ValueError(f"optimizer state {key!r} does not exist yet (before the first step, or not AdamW's)")
+        if key == "step":
+            state[key].fill_(float(value))
+        else:
+            safe_set_full_optimizer_state(param, value.to(torch.float32), key)
+
+    def step(self, param: Tensor) -> int | None:
+        state = self._state(param)
+        return int(state["step"]) if "step" in state else None
+
+    @torch.no_grad()
+    def clear(self, params: Iterable[Tensor]) -> None:
+        wanted = {id(p) for p in params}
+        for members, flat in self.groups:
+            hit = wanted & {id(p) for p in members}
+            if not hit:
+                continue
+            if len(hit) != len(members):
+                raise ValueError(f"clear: under ZeRO the optimizer state of a group is one flat tensor with one step "
+                                 f"counter; clear all {len(members)} tensors of the group together (got {len(hit)})")
+            for value in self.inner.state.get(flat, {}).values():
+                value.zero_()  # moments and step counter as for fresh tensors (torch's lazy init)
+
+
+def _full_shape(p: Tensor) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+class ZeroEngine:
+    """The DeepSpeed engine of one run: forward module, backward, step, controller hooks, whole-tensor state."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter],
+                 cfg: RunConfig):
+        deepspeed = _import_deepspeed()
+        ensure_process_group()  # DeepSpeed needs one even for a single process
+        os.environ.setdefault("LOCAL_RANK", "0")  # and checks for this launcher variable, which one process lacks
+        optimizer.state.clear()  # a resumed run's per-tensor state: DeepSpeed keeps its own (restore fills it)
+        self.world = collectives.group_size()
+        self.cfg, self.params, self.optimizer = cfg, dict(params), optimizer
+        # Decision (issue 7): the options of each client group, before DeepSpeed swaps its tensors for flats.
+        self.group_params = [[id(p) for p in g["params"]] for g in optimizer.param_groups]
+        self._with_grad: set[int] = set()
+        for p in self.params.values():  # registered before DeepSpeed's own hooks, so they run first
+            p.register_post_accumulate_grad_hook(self._note_grad)
+            if self.world > 1:
+                p.register_hook(self._sum_not_average)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, self.world),
+                                               dist_init_required=False)
+        zero = self.engine.optimizer
+        if not hasattr(zero, "bit16_groups") and not hasattr(zero, "fp32_partitioned_groups_flat"):
+            raise RuntimeError(f"DeepSpeed chose {type(zero).__name__}; dist_peft drives its ZeRO optimizers only")
+        self.optim_state = ZeroOptimizerState(zero)
+        if cfg.deepspeed.zero_stage == 3:
+            for site in adapted_sites(model).values():
+                deepspeed.zero.register_external_parameter(site, site.base_layer.weight)
+        self._skip: set[int] = set()
+        optimizer.register_step_pre_hook(self._hide_skipped)
+        optimizer.register_step_post_hook(self._show_skipped)
+        self._hidden: dict[Tensor, Tensor | None] = {}
+
+    def _sum_not_average(self, grad: Tensor | None) -> Tensor | None:
+        """The gradient flowing into a trainable tensor, times P: DeepSpeed's average becomes the sum."""
+        return None if grad is None else grad * self.world
+
+    def _note_grad(self, p: nn.Parameter) -> None:
+        """Record that ``p`` received a gradient in this step. A custom autograd function that returns None for
+        an input still runs its accumulation hooks with ``p.grad`` None (LoCA's inactive tensors); DeepSpeed's
+        hooks would fail on it, so it gets a zero gradient here and stays unrecorded (it skips the step)."""
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        else:
+            self._with_grad.add(id(p))
+
+    @property
+    def module(self) -> Any:
+        """What the loop calls for forward passes (the DeepSpeed engine around the model)."""
+        return self.engine
+
+    def backward(self, loss: Tensor, last: bool) -> None:
+        """Backward of one micro-batch's loss (normalised by the step's targets); the last one of the step
+        triggers DeepSpeed's gradient reduction."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not last:
+            self.engine.step()  # DeepSpeed's micro-step bookkeeping; no update before the boundary
+
+    def step_context(self, step: int, lr: float, total_steps: int) -> StepContext:
+        """The controllers' view of this engine: DeepSpeed's optimizer state and its gather access point."""
+        return StepContext(step, lr, self.optimizer, total_steps=total_steps, optim_state=self.optim_state,
+                           gathered=gathered)
+
+    def optimizer_step(self, controller: Controller, ctx: Any) -> float:
+        """controller.before_optimizer_step → DeepSpeed's step (clip, AdamW, zero grads) → after; returns the
+        global gradient norm before clipping."""
+        self._run_hook(controller, "before_optimizer_step", ctx)
+        self._skip = self._skipped_groups()
+        self.engine.step()
+        self._with_grad.clear()
+        self._run_hook(controller, "after_optimizer_step", ctx)
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _run_hook(self, controller: Controller, name: str, ctx: Any) -> None:
+        if getattr(type(controller), name) is getattr(Controller, name):
+            return  # not overridden (LoRA): nothing to gather
+        with self.controller_view(grads=name == "before_optimizer_step"):
+            getattr(controller, name)(ctx)
+
+    @contextlib.contextmanager
+    def controller_view(self, grads: bool) -> Iterator[None]:
+        """Whole values (and with ``grads`` whole reduced gradients, None for tensors without one) of every
+        trainable tensor inside; what changed inside is written back to DeepSpeed on exit."""
+        from deepspeed.utils import safe_get_full_grad
+
+        params = list(self.params.values())
+        with gathered(params, modify=True), torch.no_grad():
+            values = [p.detach().clone() for p in params]
+            full = [safe_get_full_grad(p).view(p.shape).to(p.dtype) if grads and id(p) in self._with_grad else None
+                    for p in params]
+            for p, g in zip(params, full):
+                p.grad = None if g is None else g.clone()
+            try:
+                yield
+            finally:
+                self._write_back(params, values, full if grads else None)
+
+    def _write_back(self, params: list[nn.Parameter], values: list[Tensor], grads: list[Tensor | None] | None):
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_grad
+
+        for p, old in zip(params, values):
+            if not torch.equal(p.detach(), old):
+                safe_set_full_fp32_param(p, p.detach().float())
+        if grads is None:
+            return
+        for p, old in zip(params, grads):
+            new, p.grad = p.grad, None
+            if new is None:
+                self._with_grad.discard(id(p))  # a hook may drop a gradient: the tensor skips this step
+            elif old is None or not torch.equal(new, old):
+                self._with_grad.add(id(p))
+                safe_set_full_grad(p, new.float())
+
+    def _skipped_groups(self) -> set[int]:
+        """ids of the flat partitions whose tensors all received no gradient this step (refusing partial ones)."""
+        skipped = set()
+        names = {id(p): n for n, p in self.params.items()}
+        for members, flat in self.optim_state.groups:
+            without = [names.get(id(p), "?") for p in members if id(p) not in self._with_grad]
+            if len(without) == len(members):
+                skipped.add(id(flat))
+            elif without:
+                raise ValueError(f"{', '.join(without[:3])}{'…' if len(without) > 3 else ''}: no gradient this step, "
+                                 f"but under ZeRO their optimizer group steps as one flat tensor with others that "
+                                 f"have one; give them their own group (Adapter.optimizer_overrides)")
+        return skipped
+
+    def _hide_skipped(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in optimizer.param_groups:
+            for flat in group["params"]:
+                if id(flat) in self._skip:
+                    self._hidden[flat], flat.grad = flat.grad, None
+
+    def _show_skipped(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for flat, grad in self._hidden.items():
+            flat.grad = grad
+        self._hidden.clear()
+
+    # ---- whole-tensor state for checkpoints and adapter files ----------------------------------------------
+
+    def full_params(self) -> dict[str, Tensor]:
+        """The fp32 master value of every trainable tensor, whole (a collective)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {n: safe_get_full_fp32_param(p).view(_full_shape(p)).clone() for n, p in self.params.items()}
+
+    def full_optimizer(self) -> "WholeOptimizerState":
+        """The optimizer's state in ``torch.optim.AdamW.state_dict()`` form with whole tensors (a collective)."""
+        index = {id(p): i for i, p in enumerate(self.params.values())}
+        state: dict[int, dict[str, Tensor]] = {}
+        for p in self.params.values():
+            entry = {k: v.clone() for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+                     if (v := self.optim_state.get(p, k)) is not None}
+            if entry:
+                state[index[id(p)]] = entry
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[i] for i in ids]}
+                  for g, ids in zip(self.optimizer.param_groups, self.group_params)]
+        return WholeOptimizerState({"state": state, "param_groups": groups})
+
+    def full_state(self, controller: Controller) -> tuple[dict[str, Tensor], "WholeOptimizerState", "WholeState"]:
+        """(trainable tensors, optimizer state, controller state), all whole, for ``checkpoint.save_checkpoint``;
+        a collective."""
+        state = {}
+        for key, value in controller.state_dict().items():  # ScaLoRA's holds its merged frozen W
+            with gathered([value]):
+                state[key] = value.detach().clone()
+        return self.full_params(), self.full_optimizer(), WholeState(state)
+
+    def restore(self, c: ckpt.Checkpoint) -> None:
+        """Put a checkpoint of any engine into the partitions: the trainable tensors (model copy and fp32 master),
+        the Adam state, and the RNG again (a collective). The Trainer restored the checkpoint into the plain
+        model, optimizer and controller before DeepSpeed partitioned them (a controller's state may hold whole
+        frozen weights: ScaLoRA's merged W); ``checkpoint.restore`` verifies it once more here."""
+        params = {n: torch.empty(_full_shape(p), dtype=torch.float32) for n, p in self.params.items()}
+        optimizer = WholeOptimizerState()
+        ckpt.restore(c, params, optimizer, WholeState())
+        self.load_full(params, optimizer.state_dict())
+
+    def gathered_params(self) -> contextlib.AbstractContextManager:
+        """Whole trainable tensors inside (for writing adapter files); a collective."""
+        return gathered(self.params.values())
+
+    @torch.no_grad()
+    def load_full(self, params: Mapping[str, Tensor], optimizer_state: Mapping[str, Any]) -> None:
+        """Put whole tensors (a checkpoint's, already verified) into the partitioned engine: the model's copy,
+        DeepSpeed's fp32 master, the Adam moments and the step counters (a collective)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        with gathered(self.params.values(), modify=True):
+            for name, p in self.params.items():
+                p.copy_(params[name].view(p.shape).to(p.dtype))
+        for name, p in self.params.items():
+            safe_set_full_fp32_param(p, params[name].to(torch.float32))
+        index = {id(p): i for i, p in enumerate(self.params.values())}
+        per_param = {id(p): optimizer_state["state"].get(index[id(p)], {}) for p in self.params.values()}
+        for members, _ in self.optim_state.groups:
+            steps = {float(per_param[id(p)].get("step", 0)) for p in members}
+            if len(steps) > 1:
+                raise ValueError(f"the checkpoint's Adam step counts differ within one optimizer group ({sorted(steps)}"
+                                 f"); under ZeRO a group has one step counter, so it cannot resume this state")
+        self._create_state()
+        for p in self.params.values():
+            for key, value in per_param[id(p)].items():
+                self.optim_state.set(p, key, value)
+
+    def _create_state(self) -> None:
+        """AdamW's state as its lazy init makes it (zero moments, step 0) for groups that have none yet."""
+        for _, flat in self.optim_state.groups:
+            if not self.optimizer.state.get(flat):
+                self.optimizer.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                              "exp_avg_sq": torch.zeros_like(flat)}
+
+
+class WholeState:
+    """A controller stand-in for ``checkpoint.save_checkpoint`` / ``restore``: saves a state already gathered
+    whole (``ZeroEngine.full_state``); loads nothing (the Trainer restores controllers before DeepSpeed
+    partitions the model)."""
+
+    def __init__(self, state: Mapping[str, Tensor] | None = None):
+        self.state = dict(state or {})
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.state
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Nothing: see the class docstring."""
+
+
+class WholeOptimizerState:
+    """A ``torch.optim`` stand-in holding a whole-tensor state dict: what ``checkpoint.save_checkpoint`` writes
+    and ``checkpoint.restore`` fills, so both serve every engine unchanged."""
+
+    def __init__(self, state: Mapping[str, Any] | None = None):
+        self.loaded: dict[str, Any] = dict(state or {})
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loaded
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.loaded = dict(state)
+
+

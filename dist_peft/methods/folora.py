@@ -1,0 +1,441 @@
+"""FO-LoRA — Frequency-Orthogonal LoRA for multitask fine-tuning (seed 000, "Frequency-Orthogonal LoRA:
+Improving Multitask Adaptation Efficiency", ICML-template draft, §1 and App. D–E; spec ``specs/folora.md``).
+One frozen linear W (m x n, y = W x) adapted for T tasks at once with one shared pair of LoRA factors:
+
+    ΔW_t = s · U · F⁻¹(M_t ⊙ F(V) ⊙ G_t) = s · U · V_t                                      (Eq. 3)
+    y    = W x + s · U (V_t x)                     for a token x of task t
+    M_t  = 1 on argmax_{S ⊆ Ω_t, |S| = k} Φ_t(S),   Ω_{t+1} = Ω_t \\ S,   Ω_1 = Ω              (Eqs. 1–2)
+    G_t* = argmin_G ‖Y_t − s · U · F⁻¹(M_t ⊙ F(V) ⊙ G) X_t‖²                                 (Eq. 3, Stage 2)
+
+Symbols
+    m, n   out / in features of W (global);  r the rank;  s = lora_alpha / r (LoRA's scale: T = 1 is LoRA)
+    U      m x r ``folora_U``, shared by the tasks, zero at init (LoRA's B)
+    V      r x n ``folora_V``, shared, Kaiming-uniform at init (LoRA's A, drawn alike from the same RNG)
+    F      the real FFT along n, row-wise over V's r rows;  Ω the K = n//2 + 1 rfft bins
+    M_t    task t's 0/1 mask over Ω, stored as ``folora_bins`` (K,): the task that owns each bin, −1 for none
+    G_t    task t's real scaling over Ω: row t of ``folora_G`` (T x K), ones at init; only bins of M_t matter
+    k      bins per task, ``frequencies_per_task`` (default ⌊K / T⌋)
+    Gr_t   ∂L_t/∂ΔW = Σ_tokens g xᵀ with g = ∂L/∂y: the full weight gradient of task t (App. E)
+    c_j/n  Parseval weight of bin j: ⟨a, b⟩ = Σ_j (c_j/n) Re(â_j conj b̂_j), c_j = 1 at DC (and Nyquist for
+           even n), 2 elsewhere
+
+Forward: V_t = irfft(M_t ⊙ rfft(V) ⊙ G_t) for all T tasks once per forward (T·r·n log n), then LoRA's two
+GEMMs; a batch that mixes tasks gathers V_t per sample (B x r x n) and runs one batched GEMM — LoRA's FLOPs.
+No dense m x n ΔW is ever formed outside ``delta_weight`` (merging).
+
+Properties (tested): disjoint masks make the rows of V_s and V_t orthogonal (Parseval), so
+⟨ΔW_s, ΔW_t⟩_F = s² tr(V_sᵀ UᵀU V_t) = 0. App. E's closed forms, in 1-D: ∂L/∂U = s Gr V_tᵀ,
+∂L/∂V = s 𝒜_t(Uᵀ Gr) with 𝒜_t = irfft(M_t G_t ⊙ rfft(·)) self-adjoint (a real, even frequency response), and
+∂L/∂G_t[j] = s (c_j/n) M_t[j] Σ_rows Re(V̂ conj(rfft(Uᵀ Gr)))[:, j]. rank ΔW_t ≤ r.
+
+Decision (specs/folora.md, F): the real FFT (rfft / irfft), so V_t is real without conjugate bookkeeping and
+G_t is real; the frequency budget Ω is the K rfft bins.
+Decision (specs/folora.md, rank): with Eq. 3 and a shared U, rank ΔW_t ≤ r and rank Σ_t ΔW_t = rank U Σ_t V_t
+≤ r too; what grows with T is the input side: the row spaces of V_1 … V_T are mutually orthogonal and together
+span up to min(r·T, n) dimensions. App. D's "rank increase" masks the 2-D spectrum of UV, which Eq. 3 does not.
+Decision (specs/folora.md, Stage 1 utility): gradient alignment, additive over bins, so the argmax of Eq. 1 is
+a top-k: φ_t(i) = Σ_rows |rfft(Gr_t)[row, i]|², with Gr_t summed over ``calibration_batches`` micro-batches of
+task t (the loss is a token sum, not a mean, so data-parallel ranks add up to one process on all batches).
+U = 0 at init makes ∂L/∂V zero, hence ∂L/∂ΔW. Tasks are allocated in their configured order; ties go to the
+lower bin. The allocation is per site, a deterministic function of all-reduced scores (identical on every
+rank), and saved in adapter files (``folora_bins``) and checkpoints (controller state).
+Decision (calibration point): ``FoloraController.calibrate(draw, backward)``, which the Trainer calls once
+before the first step for a method whose controller defines it (a resumed run restores the masks from the
+checkpoint instead). Until then, and with ``calibration_batches: 0``, bins are interleaved: bin i → task i mod T
+for i < k·T (every task gets low and high bins).
+Decision (specs/folora.md, Stage 2 target): the one-step target Y_t = (ΔW_t − η Gr_t) X_t on the tokens of the
+step being taken, every ``refit_every`` optimizer steps (in ``before_optimizer_step``, after the gradient
+reductions; Adam then still applies its own update to G). The current G reproduces ΔW_t X_t exactly, so the
+problem is min_δ ‖Φ δ + η Gr_t X_t‖² over the k active bins, with Φ's column j = s U V_(j) X_t and
+V_(j) = irfft(e_j ⊙ rfft(V)); normal equations A δ = −η c with A = s² Σ_τ Z_τ UᵀU Z_τᵀ (k x k),
+c_j = s Σ_τ z_j(x_τ)·(Uᵀ Gr_t x_τ), and z_j(x) = V_(j) x = (c_j/n) Re(V̂[:, j] conj x̂_j) (N x k x r features, no
+k x r x n tensor). Solved by the pseudo-inverse in float64 plus ``refit_ridge``·mean(diag A) on the diagonal.
+η = ``refit_lr`` or the step's learning rate. The step record gets ``refit_<t>_predicted_dloss`` = ⟨∂L/∂G_t, δ⟩,
+the first-order change of the step's loss that the refit predicts (it is not re-measured).
+Decision (interface): per-sample task ids reach the adapters through ``Controller.on_batch`` (the collated
+batch's ``task_ids``, one per sample, indexing the first dimension of every adapter input — the transformers
+[batch, seq, hidden] layout); unknown ids are a ValueError there. Inputs without ids use ``default_task``
+(single-task data, tools and tests that call an adapter directly). Merging bakes in ``default_task``'s ΔW.
+Decision: no dropout on the adapter input (the draft has none).
+
+Sharding (the base layout is mirrored, never inferred):
+  column: U holds the local rows of m; V and G are replicated and their gradients are partial sums.
+  row:    V stays replicated (the FFT runs along the full n on every rank) and each rank slices its columns of
+          V_t after the inverse transform; U and G are replicated; V, U, G gradients are partial sums, and the
+          output is a partial sum that the base layer's all-reduce completes.
+Calibration: the gradient spectrum is summed over the data-parallel group (``FoloraController.data_group``,
+None = the world, right for the Trainer's pure data parallelism), then over the split for a row split
+(zero-padded local inputs make partial spectra) before |·|²; a column split sums the energies of its rows.
+Refit: Uᵀ Gr_t is summed over data ranks; a row split sums Z and X(UᵀGr)ᵀ over the split; a column split sums
+A and c over the split; A and c are summed over data ranks; every rank solves the same k x k system.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dist_peft.methods.base import Adapter, Controller, ParamLayout, Site, StepContext, register_method
+from dist_peft.parallel import collectives
+from dist_peft.parallel.shard import ShardKind, ShardSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class FoloraConfig:
+    r: int = 8
+    """Rank r of the shared factors U (m x r) and V (r x n)."""
+    lora_alpha: float = 16.0
+    """Numerator of the scale s = lora_alpha / r (LoRA's, so that T = 1 with a full mask is LoRA)."""
+    num_tasks: int = 2
+    """T, the number of tasks; a run's ``data.tasks`` must list exactly this many."""
+    frequencies_per_task: int | None = None
+    """k, the rfft bins of each task's mask (None: ⌊K / T⌋ with K = n//2 + 1 at each site)."""
+    default_task: int = 0
+    """Task of inputs that come without task ids, and the task that ``delta_weight`` (merging) bakes in."""
+    calibration_batches: int = 4
+    """Micro-batches per task whose gradient spectrum scores the bins (Stage 1); 0 keeps interleaved bins."""
+    refit_every: int = 0
+    """Refit G_t by least squares (Stage 2) after every refit_every-th optimizer step's backward (0: never)."""
+    refit_lr: float | None = None
+    """η of the one-step refit target (None: the step's learning rate)."""
+    refit_ridge: float = 1e-4
+    """Tikhonov term of the refit, relative to the mean diagonal of the normal matrix (0: plain least squares)."""
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"r: must be a positive integer, got {self.r}")
+        if self.num_tasks < 1:
+            raise ValueError(f"num_tasks: must be >= 1, got {self.num_tasks}")
+        if self.frequencies_per_task is not None and self.frequencies_per_task < 1:
+            raise ValueError(f"frequencies_per_task: must be >= 1 or null, got {self.frequencies_per_task}")
+        if not 0 <= self.default_task < self.num_tasks:
+            raise ValueError(f"default_task: must be in [0, {self.num_tasks}), got {self.default_task}")
+        for name in ("calibration_batches", "refit_every", "refit_ridge"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.refit_lr is not None and self.refit_lr <= 0:
+            raise ValueError(f"refit_lr: must be > 0 or null, got {self.refit_lr}")
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.r
+
+
+def bin_weights(n: int, device: Any = None) -> Tensor:
+    """c_j / n for the K = n//2 + 1 rfft bins of a real length-n signal (Parseval's weights)."""
+    c = torch.full((n // 2 + 1,), 2.0, device=device)
+    c[0] = 1.0
+    if n % 2 == 0:
+        c[-1] = 1.0
+    return c / n
+
+
+def task_masks(bins: Tensor, num_tasks: int) -> Tensor:
+    """The (T, K) 0/1 masks M_t of a per-bin task vector (−1: no task); disjoint by construction."""
+    return (bins[None, :] == torch.arange(num_tasks, device=bins.device)[:, None]).float()
+
+
+def task_filters(v: Tensor, bins: Tensor, g: Tensor) -> Tensor:
+    """V_t = irfft(M_t ⊙ rfft(V) ⊙ G_t) for every task: (T, r, n) from V (r, n), G (T, K); T·r·n log n."""
+    response = task_masks(bins, g.shape[0]) * g
+    return torch.fft.irfft(torch.fft.rfft(v)[None] * response[:, None, :], n=v.shape[-1])
+
+
+def default_allocation(num_bins: int, num_tasks: int, k: int) -> Tensor:
+    """Interleaved bins before calibration: bin i → task i mod T for i < k·T, the rest unassigned (−1)."""
+    bins = torch.full((num_bins,), -1, dtype=torch.long)
+    bins[: k * num_tasks] = torch.arange(k * num_tasks) % num_tasks
+    return bins
+
+
+def greedy_allocation(scores: Tensor, k: int) -> Tensor:
+    """Eqs. 1–2 with an additive utility: task t, in order, takes the k highest-scoring bins still free (ties
+    to the lower bin: a stable sort). ``scores`` is (T, K); returns the per-bin task vector (−1: unassigned)."""
+    num_tasks, num_bins = scores.shape
+    if k * num_tasks > num_bins:
+        raise ValueError(f"frequencies_per_task: {num_tasks} tasks x {k} bins exceed the {num_bins} rfft bins")
+    bins = torch.full((num_bins,), -1, dtype=torch.long, device=scores.device)
+    for t in range(num_tasks):
+        free = (bins < 0).nonzero().squeeze(1)
+        order = torch.sort(scores[t, free], descending=True, stable=True).indices
+        bins[free[order[:k]]] = t
+    return bins
+
+
+def spectral_features(x: Tensor, vhat: Tensor, bins: Tensor, n: int, offset: int) -> Tensor:
+    """z[τ, j] = V_(j) x_τ = (c/n)_{b_j} Re(V̂[:, b_j] · conj x̂_τ[b_j]) for the selected bins b (Parseval), with
+    V_(j) = irfft(e_{b_j} ⊙ V̂). ``x`` (N, n_loc) holds columns [offset, offset + n_loc) of the tokens and is
+    zero-padded to n, so a row shard's result is a partial sum. Returns (N, k, r); cost N·n log n + N·k·r."""
+    xhat = torch.fft.rfft(F.pad(x, (offset, n - offset - x.shape[-1])))[:, bins]
+    weights = bin_weights(n, x.device)[bins]
+    return weights[None, :, None] * (vhat[:, bins].T[None] * xhat.conj()[:, :, None]).real
+
+
+def token_tasks(ids: int | Tensor, x: Tensor) -> Tensor:
+    """The task of every token of ``x`` (…, n) as a flat (N,) vector, from one task or per-sample ids (dim 0)."""
+    lead = x.shape[:-1]
+    if isinstance(ids, int):
+        return torch.full((math.prod(lead),), ids, dtype=torch.long, device=x.device)
+    return ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(-1)
+
+
+def _by_group(adapters: Mapping[str, FoloraAdapter], kind: ShardKind) -> dict[int, tuple[Any, list[str]]]:
+    """Names of the adapters split as ``kind``, by process group of the split."""
+    out: dict[int, tuple[Any, list[str]]] = {}
+    for name, a in adapters.items():
+        if a.spec.kind is kind:
+            out.setdefault(id(a.spec.group), (a.spec.group, []))[1].append(name)
+    return out
+
+
+class FoloraController(Controller):
+    """Per-sample task ids to every adapter, the one-time frequency allocation (Stage 1) and the periodic
+    least-squares refit of G (Stage 2). ``data_group`` is the data-parallel group (None: the world)."""
+
+    def __init__(self, adapters: Mapping[str, FoloraAdapter]):
+        super().__init__(adapters)
+        self.cfg: FoloraConfig = next(iter(self.adapters.values())).cfg
+        self.data_group: Any = None
+        self.step = 0
+        """Optimizer steps completed (checkpointed: it decides which steps capture tokens for a refit)."""
+        self.step_metrics: dict[str, float] = {}
+        """The last step's refit figures; the Trainer adds them to the step's log record."""
+        self._captured: dict[str, list[tuple[Tensor, Tensor, Tensor]]] | None = None
+
+    def set_tasks(self, ids: int | Tensor | None) -> None:
+        """Validate task ids (one task, per-sample ids, or None) and hand them to every adapter."""
+        if isinstance(ids, Tensor):
+            bad = ids[(ids < 0) | (ids >= self.cfg.num_tasks)]
+            if bad.numel() or ids.dim() != 1:
+                raise ValueError(f"task_ids: {bad.unique().tolist() or tuple(ids.shape)} is not a vector of task "
+                                 f"ids in [0, {self.cfg.num_tasks}) (FO-LoRA was built for {self.cfg.num_tasks} tasks)")
+            if ids.numel() and bool((ids == ids[0]).all()):
+                ids = int(ids[0])  # one task: LoRA's plain GEMM, no gather
+        elif isinstance(ids, int) and not 0 <= ids < self.cfg.num_tasks:
+            raise ValueError(f"task_ids: task {ids} is not in [0, {self.cfg.num_tasks})")
+        for a in self.adapters.values():
+            a.task_ids = ids
+
+    def on_batch(self, batch: Mapping[str, Tensor]) -> None:
+        self.set_tasks(batch.get("task_ids"))
+        if self.cfg.refit_every and (self.step + 1) % self.cfg.refit_every == 0 and self._captured is None:
+            self._captured = {name: [] for name in self.adapters}
+            for name, a in self.adapters.items():
+                a.recorder = functools.partial(self._capture, self._captured[name])
+
+    @staticmethod
+    def _capture(into: list, adapter: FoloraAdapter, x: Tensor, g: Tensor, ids: int | Tensor) -> None:
+        """Refit steps: keep this micro-batch's inputs, output gradients and token tasks (N rows each)."""
+        into.append((x.reshape(-1, x.shape[-1]).float(), g.detach().reshape(-1, g.shape[-1]).float(),
+                     token_tasks(ids, x)))
+
+    def _reduce(self, tensors: Mapping[str, list[Tensor]], kind: ShardKind | None) -> None:
+        """Sum each adapter's tensors over its split's group (adapters split as ``kind``) or, for kind None,
+        over the data-parallel group; one coalesced all-reduce per group."""
+        if kind is None:
+            collectives.all_reduce_coalesced([t for ts in tensors.values() for t in ts], self.data_group)
+            return
+        for group, names in _by_group({n: self.adapters[n] for n in tensors}, kind).values():
+            collectives.all_reduce_coalesced([t for n in names for t in tensors[n]], group)
+
+    @torch.no_grad()
+    def _gradient_energies(self) -> dict[str, Tensor]:
+        """φ(i) = Σ_rows |rfft(Gr)[row, i]|² per site from the accumulated calibration spectra."""
+        spectra = {name: a.calib_spectrum if a.calib_spectrum is not None else  # a site no gradient reached
+                   torch.zeros(a.folora_U.shape[0], a.folora_G.shape[1], dtype=torch.complex64,
+                               device=a.folora_U.device)
+                   for name, a in self.adapters.items()}
+        self._reduce({n: [torch.view_as_real(s)] for n, s in spectra.items()}, None)
+        self._reduce({n: [torch.view_as_real(s)] for n, s in spectra.items()}, ShardKind.ROW)
+        energies = {n: s.abs().square().sum(0) for n, s in spectra.items()}
+        self._reduce({n: [e] for n, e in energies.items()}, ShardKind.COLUMN)
+        return energies
+
+    def calibrate(self, draw: Callable[[int, int], Mapping[str, Tensor]],
+                  backward: Callable[[Mapping[str, Tensor]], None]) -> None:
+        """Stage 1 (Eqs. 1–2): for each task in order, ``backward(draw(task, i))`` on ``calibration_batches``
+        micro-batches of that task while every adapter accumulates rfft(Gr); then each site's bins go to the
+        tasks greedily by gradient energy. The caller zeroes the parameter gradients afterwards."""
+        if not self.cfg.calibration_batches:
+            return
+        scores: dict[str, list[Tensor]] = {name: [] for name in self.adapters}
+        try:
+            for a in self.adapters.values():
+                a.recorder = lambda adapter, x, g, ids: adapter.accumulate_spectrum(x, g)
+            for task in range(self.cfg.num_tasks):
+                self.set_tasks(task)
+                for i in range(self.cfg.calibration_batches):
+                    backward(draw(task, i))
+                for name, energy in self._gradient_energies().items():
+                    scores[name].append(energy)
+                for a in self.adapters.values():
+                    a.calib_spectrum = None
+        finally:
+            for a in self.adapters.values():
+                a.recorder, a.calib_spectrum = None, None
+            self.set_tasks(None)
+        with torch.no_grad():
+            for name, a in self.adapters.items():
+                a.folora_bins.copy_(greedy_allocation(torch.stack(scores[name]), a.k))
+
+    def _refit(self, lr: float) -> dict[str, float]:
+        """Stage 2 on the captured tokens of this step, task by task (see the module docstring)."""
+        eta = self.cfg.refit_lr or lr
+        tokens = {n: [torch.cat(parts) for parts in zip(*self._captured[n])] for n in self.adapters
+                  if self._captured[n]}
+        metrics = {}
+        for task in range(self.cfg.num_tasks):
+            sel = {n: (x[ids == task], g[ids == task]) for n, (x, g, ids) in tokens.items()}
+            ut_gr = {n: [self.adapters[n].refit_gradient_product(x, g)] for n, (x, g) in sel.items()}
+            self._reduce(ut_gr, None)
+            zq = {n: list(self.adapters[n].refit_features(sel[n][0], ut_gr[n][0], task)) for n in sel}
+            self._reduce(zq, ShardKind.ROW)
+            ac = {n: list(self.adapters[n].refit_normal_equations(*zq[n])) for n in sel}
+            self._reduce(ac, ShardKind.COLUMN)
+            self._reduce(ac, None)
+            predicted = sum(self.adapters[n].apply_refit(task, a, c, eta) for n, (a, c) in ac.items())
+            metrics[f"refit_{task}_predicted_dloss"] = float(predicted)
+        return metrics
+
+    def before_optimizer_step(self, ctx: StepContext) -> None:
+        self.step_metrics = {}
+        if self._captured is not None:
+            for a in self.adapters.values():
+                a.recorder = None
+            self.step_metrics = self._refit(ctx.lr)
+            self._captured = None
+
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        self.step = ctx.step + 1
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The step counter and every site's bin → task vector (the masks)."""
+        return {"step": torch.tensor(self.step), **{f"bins/{n}": a.folora_bins for n, a in self.adapters.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"FO-LoRA controller state: expected {len(expected)} entries (step and the bins of "
+                             f"each site), got {sorted(set(state) ^ expected)[:3]} differing")
+        self.step = int(state["step"])
+        with torch.no_grad():
+            for name, a in self.adapters.items():
+                a.folora_bins.copy_(state[f"bins/{name}"])
+
+
+@register_method("folora", FoloraConfig)
+class FoloraAdapter(Adapter):
+    trainable_names = ("folora_U", "folora_V", "folora_G")
+    buffer_names = ("folora_bins",)
+    controller_cls = FoloraController
+
+    def __init__(self, site: Site, spec: ShardSpec, cfg: FoloraConfig):
+        super().__init__(site, spec, cfg)
+        m, n, num_bins = site.weight.shape[0], site.in_features, site.in_features // 2 + 1
+        self.k = cfg.frequencies_per_task or num_bins // cfg.num_tasks
+        if self.k < 1 or self.k * cfg.num_tasks > num_bins:
+            raise ValueError(f"{site.name}: {cfg.num_tasks} tasks x {self.k} bins do not fit the {num_bins} rfft "
+                             f"bins of n = {n} (frequencies_per_task)")
+        kw = {"device": site.weight.device, "dtype": torch.float32}
+        self.folora_U = nn.Parameter(torch.zeros(m, cfg.r, **kw))
+        # Decision: V is always the full r x n (row splits included) and drawn like LoRA's full A.
+        self.folora_V = nn.Parameter(torch.empty(cfg.r, n, **kw))
+        nn.init.kaiming_uniform_(self.folora_V, a=math.sqrt(5))
+        self.folora_G = nn.Parameter(torch.ones(cfg.num_tasks, num_bins, **kw))
+        self.register_buffer("folora_bins", default_allocation(num_bins, cfg.num_tasks, self.k).to(kw["device"]))
+        self.scale = cfg.scale
+        self.cols = spec.local_range(n) if spec.kind is ShardKind.ROW else (0, n)
+        self.task_ids: int | Tensor | None = None
+        """Task of this forward's inputs: one task, per-sample ids (dim 0 of x), or None for default_task."""
+        self.recorder: Callable[[FoloraAdapter, Tensor, Tensor, int | Tensor], None] | None = None
+        """Called with (adapter, x, ∂L/∂y, ids) during backward while set (calibration and refit capture)."""
+        self.calib_spectrum: Tensor | None = None
+
+    def filters(self) -> Tensor:
+        """This shard's columns of every V_t: (T, r, n_loc)."""
+        return task_filters(self.folora_V, self.folora_bins, self.folora_G)[..., self.cols[0]:self.cols[1]]
+
+    def _tasks(self, x: Tensor) -> int | Tensor:
+        ids = self.cfg.default_task if self.task_ids is None else self.task_ids
+        if isinstance(ids, int):
+            if not 0 <= ids < self.cfg.num_tasks:
+                raise ValueError(f"{self.site.name}: task {ids} is not one of the {self.cfg.num_tasks} tasks")
+        elif ids.shape != (x.shape[0],):
+            raise ValueError(f"{self.site.name}: {tuple(ids.shape)} task ids for an input of shape {tuple(x.shape)}"
+                             f" (one id per sample, along the input's first dimension)")
+        return ids
+
+    def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
+        ids = self._tasks(x)
+        vt, u = self.filters().to(x.dtype), self.folora_U.to(x.dtype)
+        if isinstance(ids, int):
+            z = F.linear(x, vt[ids])
+        else:  # mixed tasks: V_t gathered per sample, one batched GEMM
+            z = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), vt[ids].transpose(1, 2)).reshape(*x.shape[:-1], -1)
+        out = base_out + self.scale * F.linear(z, u)
+        if self.recorder is not None and out.requires_grad:
+            xd, record = x.detach(), self.recorder
+            out.register_hook(lambda g: record(self, xd, g, ids))
+        return out
+
+    def delta_weight(self, task: int | None = None) -> Tensor:
+        """The local shard of ΔW_t = s U V_t (Eq. 3) for ``task`` (default: the config's default_task)."""
+        t = self.cfg.default_task if task is None else task
+        return self.scale * (self.folora_U @ self.filters()[t])
+
+    def param_layouts(self) -> dict[str, ParamLayout]:
+        kind = self.spec.kind
+        split = kind is not ShardKind.REPLICATED
+        return {"folora_U": ParamLayout(0 if kind is ShardKind.COLUMN else None, kind is ShardKind.ROW),
+                "folora_V": ParamLayout(None, split), "folora_G": ParamLayout(None, split)}
+
+    def task_bins(self, task: int) -> Tensor:
+        return (self.folora_bins == task).nonzero().squeeze(1)
+
+    @torch.no_grad()
+    def accumulate_spectrum(self, x: Tensor, g: Tensor) -> None:
+        """Calibration: add rfft(Gr) = Σ_τ g_τ x̂_τᵀ (m_loc x K, complex) of one micro-batch. Row split: x̂ of the
+        zero-padded local columns, so the result is a partial sum over the split."""
+        x2, g2 = x.reshape(-1, x.shape[-1]).float(), g.reshape(-1, g.shape[-1]).float()
+        n = self.site.in_features
+        xhat = torch.fft.rfft(F.pad(x2, (self.cols[0], n - self.cols[1])))
+        spectrum = g2.T.to(xhat.dtype) @ xhat
+        self.calib_spectrum = spectrum if self.calib_spectrum is None else self.calib_spectrum + spectrum
+
+    @torch.no_grad()
+    def refit_gradient_product(self, x: Tensor, g: Tensor) -> Tensor:
+        """Uᵀ Gr = (g U)ᵀ X (r x n_loc) for tokens x (N, n_loc), g (N, m_loc). Column: a partial sum over the
+        split; row: this shard's columns. A sum over data-parallel ranks either way."""
+        return (g @ self.folora_U).T @ x
+
+    @torch.no_grad()
+    def refit_features(self, x: Tensor, ut_gr: Tensor, task: int) -> tuple[Tensor, Tensor]:
+        """Z (N, k, r) of the task's bins and Q = X (Uᵀ Gr)ᵀ (N, r); partial sums over a row split."""
+        vhat = torch.fft.rfft(self.folora_V)
+        z = spectral_features(x, vhat, self.task_bins(task), self.site.in_features, self.cols[0])
+        return z, x @ ut_gr.T
+
+    @torch.no_grad()
+    def refit_normal_equations(self, z: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        """A = s² Σ_τ Z_τ UᵀU Z_τᵀ (k x k) and c = s Σ_τ Z_τ Q_τ (k); partial sums over a column split (U's rows)."""
+        gram = self.folora_U.T @ self.folora_U
+        a = self.scale ** 2 * torch.einsum("tjr,rq,tiq->ji", z, gram, z)
+        return a, self.scale * torch.einsum("tjr,tr->j", z, q)
+
+    @torch.no_grad()
+    def apply_refit(self, task: int, a: Tensor, c: Tensor, lr: float) -> float:
+        """G_t[bins] += δ = −η (A + λI)⁺ c (float64); returns ⟨∂L/∂G_t, δ⟩, the predicted first-order loss change."""
+        a64 = a.double()
+        ridge = self.cfg.refit_ridge * a64.diagonal().mean().clamp_min(0)
+        delta = (-lr * torch.linalg.pinv(a64 + ridge * torch.eye(len(c), dtype=a64.dtype, device=a64.device),
+                                         hermitian=True) @ c.double()).float()
+        bins = self.task_bins(task)
+        predicted = float(self.folora_G.grad[task, bins] @ delta) if self.folora_G.grad is not None else 0.0
+        self.folora_G[task, bins] += delta
+        return predicted

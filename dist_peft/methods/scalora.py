@@ -1,0 +1,269 @@
+"""ScaLoRA — "ScaLoRA: Optimally Scaled Low-Rank Adaptation for Efficient High-Rank Fine-Tuning" (anonymous ICLR
+submission; specs/scalora.md). LoRA whose product is merged into the frozen weight and re-factored every I steps.
+
+    y = W x + s · B (A x)                                      (the LoRA forward, unchanged)
+    every I steps, after the gradients are final and before the optimizer step (§2.3):
+      W ← W + s · B diag(1 − α⊙β) A,   B ← B diag(α),   A ← diag(β) A                                   (Eq. 3)
+      grad B ← grad B · diag(β),  grad A ← diag(α) · grad A;  Adam m, v of B ← · β, β²;  of A ← · α, α²  (Lemma 4)
+    so W + s B A is unchanged (the model's function is preserved) while W accumulates a rank-r piece per step.
+
+Notation map (ours: HF PEFT, y = Wx + s B A x, A = lora_A: r x n, B = lora_B: m x r; paper: W = W^pt + A_p B_pᵀ):
+    paper A_p (m x r, output side) = lora_B          paper B_p (n x r, input side) = lora_Aᵀ
+    paper P = G B_p  ∝ lora_B.grad (m x r)            paper Q = Gᵀ A_p ∝ lora_A.gradᵀ (n x r)    (factor s)
+    paper α scales the columns of A_p = columns of lora_B; paper β scales the columns of B_p = rows of lora_A.
+    A_pᵀA_p = BᵀB,  B_pᵀB_p = A Aᵀ,  PᵀP = gBᵀ gB,  QᵀQ = gA gAᵀ,  K = A_pᵀ P = Qᵀ B_p = Bᵀ gB = gA Aᵀ.
+The optimal α, β come from ``ops.small_solve``: M v = λ (2r x 2r, Theorem 5 with the erratum S^B = [GᵀA, B]), column
+scaling α = √(v_A / c), β = √(v_B / c) when v >= 0, else the scalar scaling of Theorem 3; c = L η s² (Decision G4:
+with W = W^pt + s A_p B_pᵀ the GD step on W is η s² (G B_p B_pᵀ + A_p A_pᵀ G), so s² joins L η). The gradients
+carry the factor s too; v is invariant to scaling G, so they serve as P and Q directly.
+
+Decisions:
+  Decision (issue; specs/scalora.md G3): η is the current scheduled learning rate (``StepContext.lr``). At η = 0
+  (or a non-finite η) the optimum is undefined (c = 0: the objective no longer depends on α, β) and the optimizer
+  step changes nothing, so the transform is skipped that step (counted warning ``lr_zero``). A warm-up makes c
+  small, i.e. column norms large (|column|² ≈ v/c), early in the run: choose L with the schedule in mind.
+  Decision (G12): ScaLoRA-I transforms when ``step % I == 0`` (including step 0); I = 0 means never (I = ∞): LoRA.
+  Decision (G5): PEFT's init (lora_B = 0), so M is singular at step 0; the pseudo-inverse gives α = 0 for the zero
+  factor and rescales the other one (G6).
+  Decision (G9, G7, Assumption 2): see ``ops.small_solve.optimal_scaling``; a layer whose gradients are zero, or
+  whose factors, gradients or system are not finite, is skipped (α = β = 1, no merge; counted warning).
+  Decision (G10): order accumulate → data-parallel/TP gradient reduction → ScaLoRA → clip → step (the loop's).
+  Decision (G11): the merge is in place in the base weight's dtype; ``fp32_merge`` keeps an fp32 master of each
+  adapted weight that is not fp32 (+4 bytes/weight), so bf16 weights do not drop increments below their ulp.
+  Decision (G17, issue): checkpoints carry the merged part. ``Controller.state_dict`` holds each layer's merges as
+  a replay log of factor pairs (left = s B diag(1 − α⊙β): m x r, right = A: r x n), replayed on the fresh W with
+  the same kernels, so a resumed run rebuilds W bitwise; once a layer's log would exceed half of W's size, the
+  log is dropped and the checkpoint holds that layer's merged weight instead (dense, still exact). Adapter files
+  hold A and B only: they do not reproduce a ScaLoRA model; export the merged model from a checkpoint. The merge
+  runs inside ``StepContext.gathered(weights, modify=True)`` (whole weights where an engine partitions them);
+  the checkpoint replay in ``load_state_dict`` has no such context (not supported under ZeRO-3).
+
+Sharding (the LoRA layout; specs/scalora.md §6.1): column (m split): lora_B (= A_p) holds local rows, so BᵀB and
+gBᵀgB are partial sums; row (n split): lora_A (= B_pᵀ) holds local columns, so AAᵀ and gA gAᵀ are partial. K is
+always formed from the replicated pair. The partial r x r Grams of every layer go into one coalesced all-reduce per
+transform; every rank then solves the same 2r x 2r systems and merges its own shard of W locally.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from dist_peft.methods.base import Controller, StepContext, register_method
+from dist_peft.methods.lora import LoraAdapter
+from dist_peft.ops.qr import sum_partial_grams
+from dist_peft.ops.small_solve import COLUMN, SCALAR, SKIP, optimal_scaling, scaling_system
+from dist_peft.parallel.shard import ShardKind
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaLoraConfig:
+    r: int = 8
+    """Rank r of the LoRA factors (paper: 8 for LLMs, 4 for DeBERTa)."""
+    lora_alpha: float = 16.0
+    """Numerator of the scale s = lora_alpha / r (paper's "scaling 16", G16)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input; the gradients used are the dropped-input ones (G14)."""
+    use_rslora: bool = False
+    """s = lora_alpha / √r instead of lora_alpha / r."""
+    interval: int = 1
+    """I: transform every I optimizer steps (1: ScaLoRA, 10: the paper's ScaLoRA-I); 0: never (plain LoRA)."""
+    lipschitz: float = 1000.0
+    """L of Assumption 1 (never reported by the paper, G2): c = L η s²; the column norms after a transform are
+    ≈ √(v / c). The default puts c ≈ 0.4 … 4 at η = 1e-4 … 1e-3 with s = 2."""
+    column_scaling: bool = True
+    """Use the column scaling of Theorem 5 where v >= 0 (False: the scalar scaling only, the paper's ablation)."""
+    nonneg_tol: float = 1e-6
+    """v counts as non-negative when v >= -nonneg_tol · max|v| (G7)."""
+    fp32_merge: bool = False
+    """Merge into an fp32 master copy of each adapted weight that is not stored in fp32 (G11)."""
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"r: must be a positive integer, got {self.r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if self.interval < 0:
+            raise ValueError(f"interval: must be >= 0 (0: never), got {self.interval}")
+        if not (self.lipschitz > 0 and math.isfinite(self.lipschitz)):
+            raise ValueError(f"lipschitz: must be a positive finite number, got {self.lipschitz}")
+        if not 0.0 <= self.nonneg_tol < 1.0:
+            raise ValueError(f"nonneg_tol: must be in [0, 1), got {self.nonneg_tol}")
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class MergedDelta:
+    """What has been merged into one frozen weight W (local shard): W = W0 + Σ_k left_k right_k, applied in place
+    with ``addmm_`` and kept as a replay log (or, once too long, as the merged weight itself) for checkpoints."""
+
+    def __init__(self, weight: Tensor, fp32_master: bool):
+        self.weight = weight
+        self.use_master = fp32_master and weight.dtype != torch.float32
+        self.master: Tensor | None = None
+        self.lefts: list[Tensor] = []
+        self.rights: list[Tensor] = []
+        self.dense = False  # True once the log was dropped: the checkpoint holds the merged weight
+
+    @torch.no_grad()
+    def add(self, left: Tensor, right: Tensor) -> None:
+        if self.use_master and self.master is None:
+            self.master = self.weight.float()  # exact copy of W0 (bf16/fp16 → fp32 is exact)
+        target = self.master if self.master is not None else self.weight
+        target.addmm_(left.to(target.dtype), right.to(target.dtype))
+        if self.master is not None:
+            self.weight.copy_(self.master)
+        if not self.dense:
+            self.lefts.append(left)
+            self.rights.append(right.clone())  # the caller rescales its factor next
+            if len(self.lefts) * right.shape[0] * sum(self.weight.shape) > self.weight.numel() // 2:
+                self.lefts, self.rights, self.dense = [], [], True
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if self.dense:
+            return {"weight": self.master if self.master is not None else self.weight}
+        if not self.lefts:
+            return {}
+        return {"left": torch.cat(self.lefts, 1), "right": torch.cat(self.rights, 0)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Tensor], r: int) -> None:
+        """Rebuild W from the fresh W0: copy the merged weight, or replay the log with the live kernels."""
+        if "weight" in state:
+            if self.use_master:
+                self.master = state["weight"].float().clone()
+            (self.master if self.master is not None else self.weight).copy_(state["weight"])
+            if self.master is not None:
+                self.weight.copy_(self.master)
+            self.dense = True
+        elif "left" in state:
+            for left, right in zip(state["left"].split(r, 1), state["right"].split(r, 0)):
+                self.add(left, right)
+
+
+_PARTIAL = {ShardKind.COLUMN: (0, 2), ShardKind.ROW: (1, 3), ShardKind.REPLICATED: ()}
+"""Which of (A_pᵀA_p, B_pᵀB_p, PᵀP, QᵀQ, K) are partial sums over the split, per layout (§6.1)."""
+
+
+def layer_grams(adapters: Sequence[LoraAdapter]) -> list[list[Tensor]]:
+    """For each adapter, the five r x r matrices of its system in paper notation, from this shard's factors and
+    gradients: [A_pᵀA_p = BᵀB, B_pᵀB_p = AAᵀ, PᵀP = gBᵀgB, QᵀQ = gA gAᵀ, K] (K from the replicated pair).
+    Decision (specs/scalora.md §6.4): the products accumulate in the factors' fp32 (one batched matmul per group of
+    equal shapes and layout, since many tiny per-layer GEMMs cost more than their FLOPs); the system is fp64."""
+    out: list[list[Tensor]] = [[] for _ in adapters]
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(adapters):
+        groups.setdefault((a.spec.kind, tuple(a.lora_A.shape), tuple(a.lora_B.shape)), []).append(i)
+    for (kind, _, _), idx in groups.items():
+        a = torch.stack([adapters[i].lora_A.detach() for i in idx])
+        b = torch.stack([adapters[i].lora_B.detach() for i in idx])
+        ga = torch.stack([_grad(adapters[i].lora_A) for i in idx])
+        gb = torch.stack([_grad(adapters[i].lora_B) for i in idx])
+        k = ga @ a.mT if kind is ShardKind.COLUMN else b.mT @ gb
+        mats = [t.double() for t in (b.mT @ b, a @ a.mT, gb.mT @ gb, ga @ ga.mT, k)]
+        for j, i in enumerate(idx):
+            out[i] = [m[j] for m in mats]
+    return out
+
+
+def _grad(p: Tensor) -> Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+class ScaLoraController(Controller):
+    """Solves, merges and rescales every I steps in ``before_optimizer_step`` (all layers batched)."""
+
+    def __init__(self, adapters: Mapping[str, LoraAdapter]):
+        super().__init__(adapters)
+        self.cfg: ScaLoraConfig = next(iter(self.adapters.values())).cfg
+        self.counts: Counter = Counter()
+        """Layers scaled column-wise / by the scalar fallback, skipped layers by reason, skipped steps."""
+        self.partial_sum = sum_partial_grams
+        """Sums partial Grams over their split (tests substitute a sum over virtual shards)."""
+        self.merged = {name: MergedDelta(a.site.weight, self.cfg.fp32_merge) for name, a in self.adapters.items()}
+
+    def _warn(self, kind: str, count: int, what: str) -> None:
+        self.counts[kind] += count
+        warnings.warn(f"scalora: {what}; {kind} so far: {self.counts[kind]}", RuntimeWarning, stacklevel=3)
+
+    def before_optimizer_step(self, ctx: StepContext) -> None:
+        interval = self.cfg.interval
+        if interval == 0 or ctx.step % interval:
+            return
+        if not (ctx.lr > 0 and math.isfinite(ctx.lr)):
+            self._warn("lr_zero", 1, f"step {ctx.step}: learning rate {ctx.lr} (no optimal scaling); skipped")
+            return
+        self.transform(ctx)
+
+    @torch.no_grad()
+    def transform(self, ctx: StepContext) -> None:
+        """One ScaLoRA step for every layer: Grams → one reduction → batched solve → merge and rescale."""
+        items = list(self.adapters.items())
+        grams = layer_grams([a for _, a in items])
+        self.partial_sum([((a.site.name, i), a.spec, g[i]) for (_, a), g in zip(items, grams)
+                          for i in _PARTIAL[a.spec.kind]])
+        m, lam = scaling_system(*(torch.stack([g[i] for g in grams]) for i in range(5)))
+        c = self.cfg.lipschitz * ctx.lr * self.cfg.scale ** 2
+        alpha, beta, kind = optimal_scaling(m, lam, c, self.cfg.nonneg_tol, self.cfg.column_scaling)
+        kinds = kind.tolist()
+        todo = [(name, a, al, be) for (name, a), al, be, k in zip(items, alpha, beta, kinds) if k != SKIP]
+        with ctx.gathered([a.site.weight for _, a, _, _ in todo], modify=True):  # whole W under ZeRO-3
+            for name, a, al, be in todo:
+                self._rescale(name, a, al, be, ctx)
+        self.counts["column"] += kinds.count(COLUMN)
+        self.counts["scalar"] += kinds.count(SCALAR)
+        skipped = [name for (name, _), k in zip(items, kinds) if k == SKIP]
+        if skipped:
+            self._warn("skipped", len(skipped), f"step {ctx.step}: {len(skipped)} layer(s) skipped (zero gradient "
+                       f"or non-finite factors/system: {', '.join(skipped[:3])}{'…' if len(skipped) > 3 else ''})")
+
+    def _rescale(self, name: str, a: LoraAdapter, alpha: Tensor, beta: Tensor, ctx: StepContext) -> None:
+        """Merge s B diag(1 − α⊙β) A into W, then B ← B diag α, A ← diag β A, their gradients (swapped factors)
+        and their Adam moments (Lemma 4)."""
+        coef = (a.scale * (1 - alpha * beta)).to(a.lora_B.dtype)
+        self.merged[name].add(a.lora_B * coef, a.lora_A.detach())
+        al, be = alpha.to(a.lora_B.dtype), beta.to(a.lora_A.dtype)
+        a.lora_B.mul_(al)
+        a.lora_A.mul_(be[:, None])
+        if a.lora_B.grad is not None:
+            a.lora_B.grad.mul_(be)
+        if a.lora_A.grad is not None:
+            a.lora_A.grad.mul_(al[:, None])
+        ctx.optim_state.scale_moments_(a.lora_B, be[None, :])
+        ctx.optim_state.scale_moments_(a.lora_A, al[:, None])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The merged part of every layer: ``<site>/merge_left``, ``<site>/merge_right`` (replay log) or
+        ``<site>/merge_weight`` (the merged weight once the log grew past half of W)."""
+        return {f"{name}/merge_{k}": v for name, delta in self.merged.items() for k, v in delta.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Rebuild every merged weight; the model must hold the fresh base weights (as ``Trainer`` builds it)."""
+        per_layer: dict[str, dict[str, Tensor]] = {}
+        for key, t in state.items():
+            name, _, field = key.rpartition("/merge_")
+            if name not in self.merged or field not in ("left", "right", "weight") or not torch.isfinite(t).all():
+                raise ValueError(f"scalora state: unexpected or non-finite entry {key!r}")
+            per_layer.setdefault(name, {})[field] = t
+        for name, fields in per_layer.items():
+            self.merged[name].load_state_dict(fields, self.cfg.r)
+
+
+@register_method("scalora", ScaLoraConfig)
+class ScaLoraAdapter(LoraAdapter):
+    """The LoRA adapter (same init, forward, layouts and file keys); the method lives in its controller."""
+
+    controller_cls = ScaLoraController
+
+    @staticmethod
+    def peft_config(cfg: ScaLoraConfig, target_modules: list[str]) -> None:
+        """No PEFT equivalent: A and B alone miss the merged part of W."""
+        return None

