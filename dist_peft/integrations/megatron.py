@@ -1,0 +1,288 @@
+"""megatron-core engine: a ``GPTModel`` built from a Hugging Face Llama-family config, HF weights imported
+per rank, and adapters at the parallel linears under their canonical HF names.
+
+Order of set-up (``build_model``): megatron parallel state must exist → apply the CPU shim (no-op on CUDA)
+→ build the local-spec ``GPTModel`` of this pipeline stage → replace every ``linear_qkv`` / ``linear_proj``
+/ ``linear_fc1`` / ``linear_fc2`` by a ``CanonicalSite`` holding this rank's slices of the HF projections,
+read from the safetensors files (each rank reads only its slices) → attach adapters to the targeted
+projections → freeze everything but the adapters.
+
+Decision: a ``CanonicalSite`` keeps the fused megatron sites un-fused, one frozen ``nn.Linear`` per HF
+projection (q, k, v on ``linear_qkv``; gate, up on ``linear_fc1``), and interleaves their outputs into the
+layout megatron's attention and MLP expect. Every adapter then sees a contiguous local weight shard
+(``Site.weight``) that a method may read or merge into in place, and adapter files are exactly those of the
+transformers engine. The price is three (two) GEMMs instead of one fused GEMM per site.
+
+Collectives: a column site passes its input once through ``copy_to_region`` (the dgrad all-reduce megatron's
+ColumnParallelLinear would do) and a row site reduces base + adapter partial outputs once with
+``reduce_from_region``: an adapter adds no per-token collective. Sequence parallelism is not supported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from dist_peft.integrations.transformers import AdaptedLinear, site_seed
+from dist_peft.methods.base import Site, get_method
+from dist_peft.parallel.regions import copy_to_region, reduce_from_region
+from dist_peft.parallel.shard import ShardKind, ShardSpec
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The model-parallel position of this rank (from megatron's parallel_state)."""
+
+    tp_rank: int
+    tp_size: int
+    tp_group: Any
+    pp_rank: int
+    pp_size: int
+
+    @staticmethod
+    def current() -> "Layout":
+        from megatron.core import parallel_state as ps
+
+        return Layout(ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+                      ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_rank(),
+                      ps.get_pipeline_model_parallel_world_size())
+
+    def spec(self, kind: ShardKind) -> ShardSpec:
+        return ShardSpec(kind, self.tp_rank, self.tp_size, self.tp_group) if self.tp_size > 1 else ShardSpec()
+
+
+def check_layout(hf_config: Any, tp: int, pp: int) -> None:
+    """Clear errors for a model that the requested TP/PP sizes cannot split, before any group exists."""
+    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    problems = [f"num_key_value_heads {groups} % tensor {tp}" if groups % tp else "",
+                f"num_hidden_layers {hf_config.num_hidden_layers} % pipeline {pp}"
+                if hf_config.num_hidden_layers % pp else "",
+                f"intermediate_size {hf_config.intermediate_size} % tensor {tp}" if hf_config.intermediate_size % tp else "",
+                f"vocab_size {hf_config.vocab_size} % tensor {tp}" if hf_config.vocab_size % tp else "",
+                f"num_attention_heads {heads} % num_key_value_heads {groups}" if heads % groups else "",
+                f"rope_type {_rope(hf_config)[1]!r} is not supported (only 'default')"
+                if _rope(hf_config)[1] != "default" else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(f"parallel: this model cannot be split as tensor={tp}, pipeline={pp}: {'; '.join(problems)}")
+
+
+def transformer_config(hf: Any, tp: int, pp: int, dtype: torch.dtype) -> Any:
+    """megatron ``TransformerConfig`` of a Llama / Mistral / Qwen2-shaped HF config."""
+    from megatron.core.transformer import TransformerConfig
+
+    cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, num_attention_heads=hf.num_attention_heads,
+        num_query_groups=hf.num_key_value_heads, ffn_hidden_size=hf.intermediate_size,
+        kv_channels=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        normalization="RMSNorm", layernorm_epsilon=hf.rms_norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=_qkv_bias(hf),
+        hidden_dropout=0.0, attention_dropout=getattr(hf, "attention_dropout", 0.0),
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype, pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16, use_cpu_initialization=True, perform_initialization=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False, calculate_per_token_loss=True,
+        batch_p2p_comm=not cpu)  # gloo: batched p2p is wrong for interleaved schedules (cpu_stack.md §4)
+
+
+def _rope(hf: Any) -> tuple[float, str]:
+    params = getattr(hf, "rope_parameters", None) or {}
+    return params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)), params.get("rope_type", "default")
+
+
+def _qkv_bias(hf: Any) -> bool:
+    return bool(getattr(hf, "attention_bias", False) or hf.model_type == "qwen2")
+
+
+class HFCheckpoint:
+    """Lazy reader of a HF safetensors folder: ``read(key, dim, start, stop)`` loads only that slice."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", "pt") as f:
+                files = {k: folder / "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+        self.files = files
+
+    def read(self, key: str, dim: int | None = None, part: tuple[int, int] | None = None) -> Tensor:
+        if key not in self.files:
+            raise KeyError(f"{key} is not in the checkpoint")
+        with safe_open(self.files[key], "pt") as f:
+            sl = f.get_slice(key)
+            if dim is None:
+                return sl[:]
+            index = [slice(None)] * len(sl.get_shape())
+            index[dim] = slice(*part)
+            return sl[tuple(index)]
+
+
+class CanonicalSite(nn.Module):
+    """A megatron parallel linear as its HF projections (each a frozen ``nn.Linear`` or an ``AdaptedLinear``).
+
+    Column: y_local = fuse([p(x̃) for p in parts]) with x̃ = copy_to_region(x). Row: y = reduce(p(x_local)).
+    Returns megatron's ``(output, bias)`` pair (bias None: biases live inside the projections).
+    """
+
+    def __init__(self, kind: ShardKind, parts: dict[str, nn.Module], fuse: Callable[[list[Tensor]], Tensor],
+                 tp_group: Any):
+        super().__init__()
+        self.kind, self.fuse, self.tp_group = kind, fuse, tp_group
+        self.parts = nn.ModuleDict(parts)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
+        if self.kind is ShardKind.COLUMN:
+            x = copy_to_region(x, self.tp_group)
+            return self.fuse([p(x) for p in self.parts.values()]), None
+        (part,) = self.parts.values()
+        return reduce_from_region(part(x), self.tp_group), None
+
+
+def _fuse_qkv(groups: int) -> Callable[[list[Tensor]], Tensor]:
+    """Interleave per query group, megatron's linear_qkv layout: [q heads of group g | k_g | v_g] for each g."""
+    def fuse(parts: list[Tensor]) -> Tensor:
+        q, k, v = (p.unflatten(-1, (groups, -1)) for p in parts)
+        return torch.cat([q, k, v], dim=-1).flatten(-2)
+    return fuse
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return torch.cat(parts, dim=-1)
+
+
+def _single(parts: list[Tensor]) -> Tensor:
+    return parts[0]
+
+
+# megatron site → (canonical HF projections under model.layers.{i}., split kind)
+SITES = {
+    "self_attention.linear_qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ShardKind.COLUMN),
+    "self_attention.linear_proj": (("self_attn.o_proj",), ShardKind.ROW),
+    "mlp.linear_fc1": (("mlp.gate_proj", "mlp.up_proj"), ShardKind.COLUMN),
+    "mlp.linear_fc2": (("mlp.down_proj",), ShardKind.ROW),
+}
+
+
+def _frozen_linear(ckpt: HFCheckpoint, name: str, kind: ShardKind, layout: Layout, dtype: torch.dtype) -> nn.Linear:
+    dim = 0 if kind is ShardKind.COLUMN else 1
+    part = layout.spec(kind).local_range(_shape(ckpt, f"{name}.weight")[dim])
+    weight = ckpt.read(f"{name}.weight", dim, part).to(dtype)
+    bias_key = f"{name}.bias"
+    bias = ckpt.read(bias_key, 0, part).to(dtype) if bias_key in ckpt.files and kind is ShardKind.COLUMN else None
+    if bias_key in ckpt.files and kind is ShardKind.ROW:
+        raise ValueError(f"{bias_key}: biases on row-parallel projections are not supported")
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+def _shape(ckpt: HFCheckpoint, key: str) -> list[int]:
+    with safe_open(ckpt.files[key], "pt") as f:
+        return f.get_slice(key).get_shape()
+
+
+
+
+def _replace_sites(layer: nn.Module, g: int, ckpt: HFCheckpoint, layout: Layout, dtype: torch.dtype,
+                   groups_local: int) -> list[tuple[CanonicalSite, str]]:
+    """Swap the four parallel linears of decoder layer ``g`` for CanonicalSites; returns (site, part) pairs."""
+    made = []
+    for path, (names, kind) in SITES.items():
+        parent, _, attr = path.rpartition(".")
+        parts = {n.rpartition(".")[2]: _frozen_linear(ckpt, f"model.layers.{g}.{n}", kind, layout, dtype) for n in names}
+        fuse = _fuse_qkv(groups_local) if attr == "linear_qkv" else _cat if len(parts) > 1 else _single
+        site = CanonicalSite(kind, parts, fuse, layout.tp_group)
+        setattr(layer.get_submodule(parent), attr, site)
+        made += [(site, f"model.layers.{g}.{n}") for n in names]
+    return made
+
+
+def _load_replicated(model: nn.Module, ckpt: HFCheckpoint, layout: Layout, hf: Any, dtype: torch.dtype) -> None:
+    """Embedding (vocab rows of this TP rank), norms and output layer of this stage, from the HF names."""
+    vocab = layout.spec(ShardKind.COLUMN).local_range(hf.vocab_size)
+    head = "model.embed_tokens.weight" if hf.tie_word_embeddings or "lm_head.weight" not in ckpt.files else "lm_head.weight"
+    sources = {"embedding.word_embeddings.weight": ("model.embed_tokens.weight", 0, vocab),
+               "decoder.final_layernorm.weight": ("model.norm.weight", None, None),
+               "output_layer.weight": (head, 0, vocab)}
+    for i, layer in enumerate(model.decoder.layers):
+        g = layer.layer_number - 1  # global layer index (1-based in megatron)
+        sources[f"decoder.layers.{i}.input_layernorm.weight"] = (f"model.layers.{g}.input_layernorm.weight", None, None)
+        sources[f"decoder.layers.{i}.pre_mlp_layernorm.weight"] = (
+            f"model.layers.{g}.post_attention_layernorm.weight", None, None)
+    in_sites = {id(p) for m in model.modules() if isinstance(m, CanonicalSite) for p in m.parameters()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if id(p) in in_sites:
+                continue
+            key, dim, part = sources[name]
+            value = ckpt.read(key, dim, part)
+            if value.shape != p.shape:
+                raise ValueError(f"{key}: shape {tuple(value.shape)} does not fit {name} {tuple(p.shape)}")
+            p.copy_(value.to(dtype))
+
+
+def build_model(hf_folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, list]:
+    """This stage's GPTModel with HF weights, frozen; returns (model, hf_config, [(site, canonical name)])."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from transformers import AutoConfig
+
+    from dist_peft.integrations import megatron_cpu
+
+    megatron_cpu.apply()
+    hf = AutoConfig.from_pretrained(hf_folder)
+    layout = Layout.current()
+    check_layout(hf, layout.tp_size, layout.pp_size)
+    ckpt = HFCheckpoint(hf_folder)
+    model = GPTModel(transformer_config(hf, layout.tp_size, layout.pp_size, dtype),
+                     get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=hf.vocab_size,
+                     max_sequence_length=hf.max_position_embeddings, pre_process=ps.is_pipeline_first_stage(),
+                     post_process=ps.is_pipeline_last_stage(),
+                     share_embeddings_and_output_weights=hf.tie_word_embeddings,
+                     position_embedding_type="rope", rotary_base=_rope(hf)[0])
+    groups_local = hf.num_key_value_heads // layout.tp_size
+    sites = []
+    for layer in model.decoder.layers:
+        sites += _replace_sites(layer, layer.layer_number - 1, ckpt, layout, dtype, groups_local)
+    _load_replicated(model, ckpt, layout, hf, dtype)
+    model.requires_grad_(False)
+    return model, hf, sites
+
+
+def attach_adapters(sites: list[tuple[CanonicalSite, str]], method: str, cfg: Any, targets: Iterable[str],
+                    seed: int) -> dict[str, AdaptedLinear]:
+    """Wrap the targeted projections (by canonical name) in AdaptedLinear with the site's ShardSpec."""
+    entry, targets, layout = get_method(method), set(targets), Layout.current()
+    chosen = []
+    for site, name in sites:
+        kind = name.rpartition(".")[2]
+        if kind in targets:
+            base = site.parts[kind]
+            total = list(base.weight.shape)
+            total[0 if site.kind is ShardKind.COLUMN else 1] *= layout.tp_size
+            chosen.append((site, kind, Site(name, kind, int(name.split(".")[2]), total[0], total[1], base.weight)))
+    if not chosen:
+        raise ValueError(f"target modules {sorted(targets)} match no projection of the megatron model")
+    extra = entry.adapter_cls.prepare([s for _, _, s in chosen], cfg)
+    adapted = {}
+    for site, kind, s in chosen:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(site_seed(seed, s.name))
+            adapter = entry.adapter_cls(s, layout.spec(site.kind), cfg, **extra.get(s.name, {}))
+        site.parts[kind] = adapted[s.name] = AdaptedLinear(site.parts[kind], adapter)
+    return adapted
