@@ -1,115 +1,165 @@
-"""megatron-core engine on 4 gloo processes: TP=2×PP=2, TP=2×DP=2 and PP=2×DP=2 in one launch, each
-against the single-process transformers engine on the same tiny Llama and data.
+"""megatron-core engine on 4 gloo processes: every method under TP=2×PP=2, TP=2×DP=2 and PP=2×DP=2 in one
+launch, each against the single-process transformers engine (the same Trainer without a parallel section) on
+the same tiny Llama and data.
 
 Launch: pytest tests/test_megatron.py (spawns 4 local processes; the megatron CPU shim is applied inside)."""
 
+from __future__ import annotations
+
+import math
+
+import pytest
 import torch
 
 from conftest import tiny_config
 from distributed import run_dist
-from dist_peft.integrations.transformers import adapted_sites, load_adapter, write_adapter_files
-from dist_peft.train.data import BatchOrder, build_datasets, collate
-from dist_peft.train.loop import Trainer, lr_at
-from dist_peft.train.models import build_tiny_llama, byte_tokenizer
+from dist_peft.integrations.transformers import load_adapter
+from dist_peft.parallel import collectives
+from dist_peft.train.config import ConfigError, check_world_size, from_dict
+from dist_peft.train.loop import Trainer
+from dist_peft.train.models import build_tiny_llama
 
-LAYOUTS = [(2, 2), (2, 1), (1, 2)]  # (tensor, pipeline); data parallel = 4 / (tensor · pipeline)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TRAIN = {"steps": 3, "micro_batch_size": 4, "grad_accum": 2}
+WORLD, GLOBAL_MICRO = 4, 4
+LAYOUTS = [(2, 2), (2, 1), (1, 2)]  # (tensor, pipeline); data parallel = WORLD / (tensor · pipeline)
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TRAIN = {"steps": 3, "micro_batch_size": GLOBAL_MICRO, "grad_accum": 2, "threads": 1}
+METHODS = {  # method section, other sections: sized so that each method's controller work happens in 3 steps
+    "lora": ({"target_modules": ALL, "r": 4, "lora_alpha": 8}, {}),
+    "loca": ({"target_modules": ["q_proj", "o_proj", "up_proj"], "n_frequency": 64, "coef_steps": 1,
+              "loc_steps": 1, "alternate_until": 3, "loc_lr": 0.01}, {}),
+    "odlora": ({"target_modules": ["q_proj", "down_proj"], "r": 4, "init_rounds": 1, "init_steps": 1}, {}),
+    "scalora": ({"target_modules": ["v_proj", "o_proj", "gate_proj"], "r": 4, "interval": 1, "lipschitz": 10.0},
+                {}),
+    "folora": ({"target_modules": ["q_proj", "down_proj"], "r": 4, "num_tasks": 2, "calibration_batches": 1,
+                "refit_every": 2},
+               {"data": {"source": None, "tasks": [{"name": "a", "source": "synthetic", "seed": 1},
+                                                   {"name": "b", "source": "synthetic", "seed": 2}]}}),
+}
 
 
-def _config(run_dir):
-    return tiny_config(run_dir, method={"target_modules": TARGETS}, train=TRAIN)
+ATOL = {"folora": 3e-4}
+"""FO-LoRA's V gets near-zero gradients outside a task's bins; Adam scales them to lr-sized steps, so the
+rounding of another reduction order shows up to ~1% of lr in a few entries (as in tests/test_deepspeed.py)."""
 
 
-def _layout_run(hf_dir: str, run_dir: str, tp: int, pp: int) -> dict:
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+def _cfg(run_dir, method: str, layout=None):
+    section, other = METHODS[method]
+    dp = WORLD // (layout[0] * layout[1]) if layout else 1
+    raw = {**tiny_config(run_dir, train={**TRAIN, "micro_batch_size": GLOBAL_MICRO // dp}, **other).to_dict(),
+           "method": {"name": method, **section}}
+    if layout is not None:
+        raw["parallel"] = {"tensor": layout[0], "pipeline": layout[1]}
+    return from_dict(raw)
 
-    from dist_peft.integrations import megatron_cpu
-    from dist_peft.integrations.megatron_engine import MegatronEngine, to_megatron_batch
-    from dist_peft.parallel import collectives
 
-    megatron_cpu.apply()
-    ps.initialize_model_parallel(tp, pp, distributed_timeout_minutes=1)
-    model_parallel_cuda_manual_seed(0)
-    cfg = _config(run_dir)
-    t = cfg.train
-    engine = MegatronEngine(hf_dir, "lora", cfg.method.options, TARGETS, seed=t.seed, lr=t.lr)
-    tok = byte_tokenizer()
-    train, evl = build_datasets(cfg.data, tok, cfg.model.tiny.vocab_size)
-    order, dp, dp_rank = BatchOrder(len(train), cfg.data.seed), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+def _run(cfg) -> dict:
+    """Train; the history, each step's collective counts, and the adapter files' folder."""
+    trainer = Trainer(cfg, echo=lambda m: None)
+    traces, step = [], trainer.train_step
 
-    def batch(examples):
-        b = collate(examples, tok.pad_token_id)
-        return to_megatron_batch(b["input_ids"], b["labels"], cfg.data.seq_len, tok.pad_token_id)
-
-    probe = batch([evl[i] for i in range(2)])
-    base_logits = engine.logits(probe)
-    losses, traces = [], []
-    for step in range(t.steps):
-        batches = [batch(order.micro_batch(train, step * t.grad_accum + i, t.micro_batch_size // dp, dp_rank, dp))
-                   for i in range(t.grad_accum)]
+    def traced():
         collectives.TRACE.reset()
-        losses.append(engine.train_step(batches, lr_at(step, t), t.max_grad_norm))
+        record = step()
         traces.append(collectives.TRACE.reset())
-    state = engine.full_adapter_state()
-    adapter_dir = f"{run_dir}/adapter-tp{tp}-pp{pp}"
-    if torch.distributed.get_rank() == 0:
-        first = next(iter(engine.sites.values())).adapter
-        write_adapter_files(adapter_dir, state, first, TARGETS, [], base_model="tiny-llama")
-    torch.distributed.barrier()
-    trained_logits = engine.logits(probe)
-    ps.destroy_model_parallel()
-    last = trained_logits is not None
-    return {"losses": losses, "trace": traces[-1], "state": {k: v.numpy() for k, v in state.items()},
-            "base_logits": base_logits.numpy() if last else None, "logits": trained_logits.numpy() if last else None,
-            "probe": probe["tokens"].numpy(), "adapter_dir": adapter_dir}
+        return record
+
+    trainer.train_step = traced
+    summary = trainer.run()
+    return {"history": trainer.history, "traces": traces, "adapter_dir": summary["adapter_dir"]}
 
 
-def _all_layouts(hf_dir: str, run_dir: str) -> dict:
-    return {layout: _layout_run(hf_dir, run_dir, *layout) for layout in LAYOUTS}
+def _all_layouts(run_dir: str) -> dict:
+    from megatron.core import parallel_state as ps
 
-
-def test_megatron_layouts_match_the_single_process_engine(tmp_path):
-    """TP2×PP2, TP2×DP2, PP2×DP2: base logits equal HF's; 3 LoRA steps (2 micro-batches each) give the losses
-    and adapter weights of the transformers engine; saved adapter files load there with the same logits; and
-    a step's collectives are the frozen model's per-token ones, one coalesced gradient reduction per group
-    and three scalars."""
-    cfg = _config(tmp_path / "ref")
-    build_tiny_llama(cfg.model.tiny).save_pretrained(tmp_path / "hf")
-    results = run_dist(_all_layouts, 4, hf_dir=str(tmp_path / "hf"), run_dir=str(tmp_path))
-    ref = Trainer(cfg, echo=lambda m: None)
-    ref.run()
-    ref_losses = [r["loss"] for r in ref.history if "loss" in r]
-    ref_state = {f"{name}.{s.adapter.file_key(p)}": getattr(s.adapter, p).detach()
-                 for name, s in adapted_sites(ref.model).items() for p in s.adapter.trainable_names}
-    hf = build_tiny_llama(cfg.model.tiny)
+    out = {}
     for layout in LAYOUTS:
-        ranks = [results[r][layout] for r in range(4)]
-        probe = torch.from_numpy(ranks[0]["probe"])
+        for method in METHODS:
+            out[layout, method] = _run(_cfg(f"{run_dir}/{method}-tp{layout[0]}pp{layout[1]}", method, layout))
+            ps.destroy_model_parallel()
+    return out
+
+
+def _per_step_all_reduces(tp: int, pp: int) -> int:
+    """LoRA on rank 0 (first stage), per step. Per token: each layer's two row sites reduce in forward and its two
+    column sites all-reduce dgrad in backward, except layer 0's qkv, whose input (frozen embedding) needs no
+    gradient. Per step: the loss targets (DP), coalesced TP-partial and DP gradient sums, the logged loss over
+    PP and DP, and the gradient norm over model parallel."""
+    dp, layers = WORLD // (tp * pp), 2 // pp
+    per_token = TRAIN["grad_accum"] * (4 * layers - 1) if tp > 1 else 0
+    return per_token + (tp > 1) + 3 * (dp > 1) + (pp > 1) + (tp * pp > 1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("megatron")
+    results = run_dist(_all_layouts, WORLD, run_dir=str(run_dir))
+    references = {m: _run(_cfg(run_dir / f"{m}-ref", m)) for m in METHODS}
+    return results, references
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_layout_matches_the_single_process_engine(runs, method):
+    """Each layout's per-step losses, held-out losses before and after, and saved adapter weights (gathered over
+    TP and PP into the transformers engine's files) equal the single-process run's."""
+    from safetensors.torch import load_file
+
+    results, references = runs
+    ref = references[method]
+    ref_files = load_file(f"{ref['adapter_dir']}/adapter_model.safetensors")
+    for layout in LAYOUTS:
+        for rank in range(WORLD):
+            got = results[rank][layout, method]
+            assert len(got["history"]) == len(ref["history"])
+            for mine, theirs in zip(got["history"], ref["history"]):
+                for key in ("loss", "eval_loss", "eval_a_loss", "eval_b_loss"):
+                    if key in theirs:
+                        assert math.isclose(mine[key], theirs[key], rel_tol=2e-5), (layout, rank, key, mine, theirs)
+        files = load_file(f"{results[0][layout, method]['adapter_dir']}/adapter_model.safetensors")
+        assert set(files) == set(ref_files), layout
+        for key, value in ref_files.items():
+            torch.testing.assert_close(files[key], value, rtol=1e-3, atol=ATOL.get(method, 1e-5),
+                                       msg=f"{key} under {layout}")
+
+
+def test_adapter_files_from_tp2_pp2_load_in_the_transformers_engine(runs, tmp_path):
+    """LoRA files written by TP=2×PP=2 load into the plain model and give the logits of the single-process run."""
+    results, references = runs
+    cfg = _cfg(tmp_path, "lora")
+    probe = torch.arange(24).reshape(2, 12) % 250
+    outputs = []
+    for folder in (results[0][(2, 2), "lora"]["adapter_dir"], references["lora"]["adapter_dir"]):
+        model = build_tiny_llama(cfg.model.tiny)
+        load_adapter(model, folder)
         with torch.no_grad():
-            hf_logits = hf(input_ids=probe).logits
-        last = next(r for r in ranks if r["logits"] is not None)
-        torch.testing.assert_close(torch.from_numpy(last["base_logits"]), hf_logits, rtol=1e-4, atol=1e-4)
-        for r in ranks:
-            torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=1e-4, atol=0,
-                                       msg=f"losses of layout {layout}")
-            for key, value in ref_state.items():
-                torch.testing.assert_close(torch.from_numpy(r["state"][key]), value, rtol=1e-3, atol=1e-5,
-                                           msg=f"{key} under layout {layout}")
-        single = build_tiny_llama(cfg.model.tiny)
-        load_adapter(single, ranks[0]["adapter_dir"])
-        with torch.no_grad():
-            torch.testing.assert_close(torch.from_numpy(last["logits"]), single(input_ids=probe).logits,
-                                       rtol=1e-4, atol=1e-4)
-            assert (single(input_ids=probe).logits - hf_logits).abs().max() > 1e-3
-        tp, pp = layout
-        dp, mp, layers = 4 // (tp * pp), tp * pp, 2 // pp
-        # Per-token, rank 0 (first stage): each layer's two row sites reduce in forward, its two column sites
-        # all-reduce dgrad in backward, except layer 0's qkv whose input (frozen embedding) needs no gradient.
-        per_token = TRAIN["grad_accum"] * (2 * layers + 2 * layers - 1) if tp > 1 else 0
-        per_step = ((tp > 1) + (dp > 1)  # coalesced adapter grads: TP partial sums, then DP
-                    + (dp > 1)  # loss targets of the step
-                    + 2 * (mp > 1) + (dp > 1))  # grad norm over model parallel; logged loss over mp and dp
-        assert ranks[0]["trace"]["calls"].get("all_reduce", 0) == per_token + per_step, (layout, ranks[0]["trace"])
-        assert set(ranks[0]["trace"]["calls"]) <= {"all_reduce"}, ranks[0]["trace"]
+            outputs.append(model(input_ids=probe).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        assert (outputs[1] - build_tiny_llama(cfg.model.tiny)(input_ids=probe).logits).abs().max() > 1e-3
+
+
+def _method_all_reduces(method: str, tp: int, dp: int) -> int:
+    """A method's own all-reduces in its busiest step, one coalesced call per process group and round, for all
+    layers at once (so the count does not depend on the model's depth): OD-LoRA's Cholesky-QR2 takes two rounds
+    of r×r Grams over TP; ScaLoRA's Grams one; FO-LoRA's refit, per task, sums over DP twice and over the TP
+    groups of row and of column sites once each; LoCA's location gradients ride in the engine's reduction."""
+    return {"lora": 0, "loca": 0, "odlora": 2 * (tp > 1), "scalora": int(tp > 1),
+            "folora": 2 * (2 * (tp > 1) + 2 * (dp > 1))}[method]
+
+
+def test_an_adapter_adds_no_per_token_collective(runs):
+    """All-reduces per step on rank 0: LoRA's are exactly the frozen model's per-token ones plus the step's
+    scalars and coalesced gradient sums; every other method adds only its per-step coalesced calls."""
+    results, _ = runs
+    for tp, pp in LAYOUTS:
+        base = _per_step_all_reduces(tp, pp)
+        for method in METHODS:
+            traces = results[0][(tp, pp), method]["traces"]
+            assert all(set(t["calls"]) == {"all_reduce"} for t in traces), traces
+            extra = [t["calls"]["all_reduce"] - base for t in traces]
+            assert min(extra) >= 0 and max(extra) == _method_all_reduces(method, tp, WORLD // (tp * pp)), \
+                ((tp, pp), method, extra)
+
+
+def test_a_layout_that_does_not_divide_the_world_is_refused_before_any_collective(tmp_path):
+    with pytest.raises(ConfigError, match="parallel: tensor × pipeline = 4"):
+        check_world_size(_cfg(tmp_path, "lora", (2, 2)), 6)

@@ -275,14 +275,19 @@ def attach_adapters(sites: list[tuple[CanonicalSite, str]], method: str, cfg: An
             base = site.parts[kind]
             total = list(base.weight.shape)
             total[0 if site.kind is ShardKind.COLUMN else 1] *= layout.tp_size
-            chosen.append((site, kind, Site(name, kind, int(name.split(".")[2]), total[0], total[1], base.weight)))
+            chosen.append((site, kind, Site(name, kind, int(name.split(".")[2]), total[0], total[1], base.weight,
+                                            base.bias, batch_dim=1)))
     if not chosen:
         raise ValueError(f"target modules {sorted(targets)} match no projection of the megatron model")
-    extra = entry.adapter_cls.prepare([s for _, _, s in chosen], cfg)
+    from megatron.core import parallel_state as ps
+
+    specs = {s.name: layout.spec(site.kind) for site, _, s in chosen}
+    layer_group = ps.get_pipeline_model_parallel_group() if layout.pp_size > 1 else None
+    extra = entry.adapter_cls.prepare([s for _, _, s in chosen], cfg, specs=specs, layer_group=layer_group)
     adapted = {}
     for site, kind, s in chosen:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(site_seed(seed, s.name))
-            adapter = entry.adapter_cls(s, layout.spec(site.kind), cfg, **extra.get(s.name, {}))
+            adapter = entry.adapter_cls(s, specs[s.name], cfg, **extra.get(s.name, {}))
         site.parts[kind] = adapted[s.name] = AdaptedLinear(site.parts[kind], adapter)
     return adapted

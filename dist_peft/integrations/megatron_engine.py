@@ -1,119 +1,176 @@
-"""Training steps of adapters on the megatron-core GPTModel through megatron's own schedules
-(``get_forward_backward_func``: no pipelining, 1F1B, or interleaved), under TP × PP × DP.
+"""Adapters on the megatron-core GPTModel under TP × PP × DP, driven by megatron's own schedules
+(``get_forward_backward_func``: no pipelining or 1F1B). The Trainer runs it when the config has a
+``parallel`` section; the methods' math is the same modules as everywhere, through each site's ShardSpec.
 
-One optimizer step (``train_step``), in order:
-  1. count the step's loss targets over all micro-batches and data-parallel ranks (one scalar all-reduce);
-  2. megatron's schedule runs forward/backward of every micro-batch; the last stage's loss is
+One optimizer step, in order (the Trainer's order, so every method's hooks see what they see elsewhere):
+  1. the Trainer counts the step's loss targets over the data-parallel group (one scalar all-reduce);
+  2. ``forward_backward``: megatron's schedule runs every micro-batch; the last stage's loss is
      Σ masked per-token cross-entropy / (step targets), so accumulation and DP equal one big batch;
-  3. partial gradients of replicated adapter factors are summed over the TP group, all layers in one
-     coalesced all-reduce; then every adapter gradient is summed over the DP group in one more;
-  4. controller.before_optimizer_step → clip by the global norm (sharded tensors counted once per shard,
-     replicated ones once, summed over TP and PP) → optimizer.step → controller.after_optimizer_step.
+  3. ``optimizer_step``: partial gradients of replicated adapter factors are summed over the TP group, all
+     layers in one coalesced all-reduce, then every adapter gradient over the DP group in one more →
+     controller.before_optimizer_step → clip by the global norm (each shard counted once, summed over TP and
+     PP) → optimizer.step → controller.after_optimizer_step → zero_grad.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from dist_peft.integrations.megatron import Layout, attach_adapters, build_model
 from dist_peft.integrations.transformers import AdaptedLinear
-from dist_peft.methods.base import StepContext
+from dist_peft.methods.base import Controller, ParamLayout, StepContext
 from dist_peft.parallel import collectives
+from dist_peft.parallel.runtime import ensure_process_group
+from dist_peft.train.config import RunConfig
+from dist_peft.train.data import IGNORE
+
+REPLICATED = ParamLayout(None, False)
+GROUP_TIMEOUT_MINUTES = 10
+"""Of megatron's process groups: a rank whose peer died ends within it (as init_runtime's group does)."""
+FORWARD_ONLY = {"eval", "logits"}
+"""Modes of ``_run``, by what the last stage's loss function returns: train (Σ CE / step targets), sum (Σ CE:
+calibration backward passes), eval (CE sum and correct argmax count), logits (the logits)."""
 
 
-def to_megatron_batch(input_ids: Tensor, labels: Tensor, seq_len: int, pad_id: int) -> dict[str, Tensor]:
-    """HF-style (input_ids, labels with -100) → megatron's (tokens, next-token labels, loss mask), padded to
-    ``seq_len`` so that every micro-batch has the shape pipeline p2p expects."""
+def to_megatron_batch(batch: Mapping[str, Tensor], seq_len: int, pad_id: int) -> dict[str, Tensor]:
+    """A collated HF-style batch (input_ids, labels with -100, optional task_ids) → megatron's tokens,
+    next-token labels and loss mask, padded to ``seq_len`` so that every micro-batch has the shape pipeline p2p
+    expects (padding is masked out of the loss and, being after the text, never attended by it)."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
     b, s = input_ids.shape
     if s > seq_len:
         raise ValueError(f"a batch of length {s} exceeds data.seq_len {seq_len}")
-    tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    dev = input_ids.device
+    tokens = torch.full((b, seq_len), pad_id, dtype=torch.long, device=dev)
     tokens[:, :s] = input_ids
-    target = torch.full((b, seq_len), -100, dtype=torch.long)
+    target = torch.full((b, seq_len), IGNORE, dtype=torch.long, device=dev)
     target[:, : s - 1] = labels[:, 1:]
-    mask = (target != -100).float()
-    return {"tokens": tokens, "labels": target.clamp(min=0), "loss_mask": mask,
-            "position_ids": torch.arange(seq_len).expand(b, -1),
-            "attention_mask": torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), 1)[None, None]}
+    out = {"tokens": tokens, "labels": target.clamp(min=0), "loss_mask": (target != IGNORE).float(),
+           "position_ids": torch.arange(seq_len, device=dev).expand(b, -1),
+           "attention_mask": torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=dev), 1)[None, None]}
+    if "task_ids" in batch:
+        out["task_ids"] = batch["task_ids"]
+    return out
 
 
 class MegatronEngine:
-    """This rank's stage of the model with adapters, its optimizer, and the step of the module docstring."""
+    """This rank's pipeline stage of the model with adapters, and the step of the module docstring."""
 
-    def __init__(self, hf_folder: str, method: str, cfg: Any, targets: Iterable[str], *, seed: int,
-                 lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: RunConfig, hf_folder: str | Path):
         from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+        from dist_peft.integrations import megatron_cpu
+
+        megatron_cpu.apply()
+        ensure_process_group()
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline,
+                                         distributed_timeout_minutes=GROUP_TIMEOUT_MINUTES)
+        model_parallel_cuda_manual_seed(cfg.train.seed)
+        self.cfg = cfg
+        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         self.model, self.hf, sites = build_model(hf_folder, dtype)
-        self.sites: dict[str, AdaptedLinear] = attach_adapters(sites, method, cfg, targets, seed)
+        if torch.cuda.is_available():
+            self.model.cuda(torch.cuda.current_device())
+        m = cfg.method
+        self.sites: dict[str, AdaptedLinear] = attach_adapters(sites, m.name, m.options, m.target_modules,
+                                                               cfg.train.seed)
         self.layout = Layout.current()
         self.dp_group, self.mp_group = ps.get_data_parallel_group(), ps.get_model_parallel_group()
-        self.params = {f"{name}.adapter.{p}": getattr(s.adapter, p)
-                       for name, s in self.sites.items() for p in s.adapter.trainable_names}
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=lr, betas=betas, weight_decay=weight_decay)
-        adapters = {name: s.adapter for name, s in self.sites.items()}
-        self.controller = next(iter(adapters.values())).controller_cls(adapters)
-        self.step = 0
-        self._collect_logits = False  # set by logits(): the loss function then hands back the logits
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.data_rank, self.data_world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.last_stage = ps.is_pipeline_last_stage()
+        self.part_name = f"tp{self.layout.tp_rank:02d}_pp{self.layout.pp_rank:02d}_dp{self.data_rank:03d}"
+        """This rank's part of a checkpoint (``checkpoint.save_parts``)."""
+        self.params = {f"{name}.adapter.{p}": t for name, s in self.sites.items()
+                       for p, t in s.adapter.named_parameters() if t.requires_grad}
+        self._mode, self._targets, self._controller = "train", 1.0, Controller({})
+
+    @property
+    def adapters(self) -> dict[str, Any]:
+        return {name: s.adapter for name, s in self.sites.items()}
 
     def _forward_step(self, data_iterator, model):
         b = next(data_iterator)
-        out = model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b.get("labels"))
-        return out, functools.partial(self._loss, b["loss_mask"])
+        self._controller.on_batch(b)
+        labels = None if self._mode in FORWARD_ONLY else b["labels"]  # logits, for the argmax too
+        out = model(b["tokens"], b["position_ids"], b["attention_mask"], labels=labels)
+        return out, functools.partial(self._loss, b)
 
-    def _loss(self, loss_mask: Tensor, output: Tensor):
-        if self._collect_logits:
-            return output.sum() * 0, torch.tensor(1), {"logits": output.detach()}
-        loss_sum = (output.float() * loss_mask).sum()
-        return loss_sum / self._targets, loss_mask.sum().int(), {"loss_sum": loss_sum.detach()}
+    def _loss(self, b: Mapping[str, Tensor], output: Tensor):
+        mask = b["loss_mask"]
+        if self._mode == "logits":
+            return output.sum() * 0, mask.sum().int(), {"logits": output}
+        if self._mode == "eval":
+            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    def _run(self, batches: list[dict[str, Tensor]], forward_only: bool) -> list[dict]:
+            ce = vocab_parallel_cross_entropy(output.float(), b["labels"])
+            correct = (self._argmax(output) == b["labels"]).float() * mask
+            return output.sum() * 0, mask.sum().int(), {"loss_sum": (ce * mask).sum(), "correct": correct.sum()}
+        loss_sum = (output.float() * mask).sum()
+        return loss_sum / self._targets, mask.sum().int(), {"loss_sum": loss_sum.detach()}
+
+    def _argmax(self, logits: Tensor) -> Tensor:
+        """Argmax over the whole vocabulary of vocab-parallel logits (two small all-gathers over TP)."""
+        value, index = logits.float().max(-1)
+        if self.layout.tp_size == 1:
+            return index
+        index = index + self.layout.tp_rank * logits.shape[-1]
+        values = collectives.all_gather_cat(value[None], 0, self.layout.tp_group)
+        indices = collectives.all_gather_cat(index[None], 0, self.layout.tp_group)
+        return indices.gather(0, values.argmax(0, keepdim=True))[0]
+
+    def _run(self, batches: list[dict[str, Tensor]], mode: str, controller: Controller | None = None) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         b, s = batches[0]["tokens"].shape
-        return get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
-            num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=forward_only)
+        self._mode, self._controller = mode, controller or Controller({})
+        self.model.train(mode not in FORWARD_ONLY)
+        with torch.no_grad() if mode in FORWARD_ONLY else contextlib.nullcontext():
+            return get_forward_backward_func()(
+                forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
+                num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=mode in FORWARD_ONLY)
 
-    def logits(self, batch: dict[str, Tensor]) -> Tensor | None:
-        """Full-vocabulary logits [b, s, V] of one batch (on the last stage; None elsewhere)."""
-        from megatron.core import parallel_state as ps
+    def _stage_sum(self, values: list[float]) -> Tensor:
+        """Values known on the last stage (zeros elsewhere) → on every rank: one all-reduce over the PP group."""
+        t = torch.tensor(values if self.last_stage else [0.0] * len(values), dtype=torch.float64)
+        return collectives.all_reduce(t, self.pp_group)
 
-        self._collect_logits = True
-        try:
-            with torch.no_grad():
-                out = self._run([{k: v for k, v in batch.items() if k != "labels"}], forward_only=True)
-        finally:
-            self._collect_logits = False
-        if not ps.is_pipeline_last_stage():
-            return None
-        return collectives.all_gather_cat(out[0]["logits"], -1, self.layout.tp_group)
+    def forward_backward(self, batches: list[dict[str, Tensor]], targets: float, controller: Controller) -> float:
+        """Forward/backward of this DP rank's micro-batches; returns their CE sum (on every rank of the replica)."""
+        self._targets = targets
+        out = self._run(batches, "train", controller)
+        return float(self._stage_sum([sum(float(o["loss_sum"]) for o in out)])[0])
 
-    def train_step(self, batches: list[dict[str, Tensor]], lr: float, max_grad_norm: float | None) -> float:
-        """One optimizer step over ``batches`` (this DP rank's micro-batches); returns the step's mean loss."""
-        self._targets = collectives.all_reduce(torch.tensor(sum(float(b["loss_mask"].sum()) for b in batches)),
-                                               self.dp_group)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        out = self._run(batches, forward_only=False)
+    def backward_sum(self, batch: dict[str, Tensor]) -> None:
+        """Backpropagate one micro-batch's summed loss (FO-LoRA's calibration passes: the controller has set
+        the task, so no on_batch)."""
+        self._run([batch], "sum")
+
+    def eval_sums(self, batch: dict[str, Tensor], controller: Controller) -> tuple[float, float]:
+        """(CE sum, correct next-token predictions) of one batch, on every rank of the replica."""
+        out = self._run([batch], "eval", controller)
+        sums = self._stage_sum([float(out[0]["loss_sum"]), float(out[0]["correct"])] if out else [0.0, 0.0])
+        return float(sums[0]), float(sums[1])
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, controller: Controller, ctx: StepContext,
+                       max_grad_norm: float | None) -> float:
+        """Step 3 of the module docstring; returns the global gradient norm before clipping."""
         self._reduce_grads()
-        ctx = StepContext(self.step, lr, self.optimizer)
-        self.controller.before_optimizer_step(ctx)
-        self._clip(max_grad_norm)
-        self.optimizer.step()
-        self.controller.after_optimizer_step(ctx)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        loss = torch.tensor(sum(float(o["loss_sum"]) for o in out), dtype=torch.float64)  # 0 off the last stage
-        collectives.all_reduce(loss, self.mp_group)  # every stage learns it (pipeline ranks sum)
-        collectives.all_reduce(loss, self.dp_group)
-        return float(loss / (self._targets * self.layout.tp_size))
+        controller.before_optimizer_step(ctx)
+        norm = self._clip(max_grad_norm)
+        optimizer.step()
+        controller.after_optimizer_step(ctx)
+        optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def _reduce_grads(self) -> None:
         partial, every = [], []
@@ -144,22 +201,29 @@ class MegatronEngine:
         return norm
 
     def full_adapter_state(self) -> dict[str, Tensor]:
-        """Every adapter tensor unsplit, keyed like the transformers engine's files, on every rank: TP shards
-        are gathered along their shard_dim, then pipeline stages exchange their layers."""
+        """Every adapter tensor (trainable and buffers) unsplit, keyed like the transformers engine's adapter
+        files, on every rank: TP shards are gathered along their shard_dim, then pipeline stages exchange their
+        layers (a collective)."""
         import torch.distributed as dist
 
         local = {}
         for name, s in self.sites.items():
-            for p, layout in s.adapter.param_layouts().items():
-                t = getattr(s.adapter, p).detach()
+            a = s.adapter
+            buffers = a.buffer_layouts()
+            for p, layout in {**a.param_layouts(), **{b: buffers.get(b, REPLICATED) for b in a.buffer_names}}.items():
+                t = getattr(a, p).detach()
                 if layout.shard_dim is not None:
                     t = collectives.all_gather_cat(t, layout.shard_dim, self.layout.tp_group)
-                local[f"{name}.{s.adapter.file_key(p)}"] = t.cpu()
+                local[f"{name}.{a.file_key(p)}"] = t.cpu()
         if self.layout.pp_size == 1:
             return local
-        from megatron.core import parallel_state as ps
-
         parts: list = [None] * self.layout.pp_size
-        dist.all_gather_object(parts, local, group=ps.get_pipeline_model_parallel_group())
+        dist.all_gather_object(parts, local, group=self.pp_group)
         return {k: v for part in parts for k, v in part.items()}
 
+    def logits(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """Full-vocabulary logits [b, s, V] of one batch on the last stage (None elsewhere)."""
+        out = self._run([batch], "logits")
+        if not self.last_stage:
+            return None
+        return collectives.all_gather_cat(out[0]["logits"], -1, self.layout.tp_group)

@@ -38,6 +38,9 @@ class Site:
     bias: Tensor | None = None
     """The bias b the base output includes (y = W x + b), local; None when the base adds none before the adapter
     sees its output (no bias, or a row-parallel partial sum whose bias is added after the reduction)."""
+    batch_dim: int = 0
+    """The input's dimension that indexes samples: 0 for transformers' [b, s, h], 1 for megatron's [s, b, h]
+    (read by methods with per-sample behaviour, FO-LoRA's task ids)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class Controller:
     ``after_optimizer_step`` runs after ``optimizer.step()``. A method that batches small per-layer reductions
     does it here, in one coalesced collective for all its layers.
     """
+
+    data_group: Any = None
+    """The data-parallel process group (None: the world). An engine whose world also holds model-parallel
+    ranks sets it, for controllers that reduce statistics over the data (FO-LoRA's calibration)."""
 
     def __init__(self, adapters: Mapping[str, "Adapter"]):
         self.adapters = dict(adapters)
@@ -139,9 +146,17 @@ class Adapter(nn.Module, abc.ABC):
         return {}
 
     @classmethod
-    def prepare(cls, sites: Sequence[Site], cfg: Any) -> dict[str, dict[str, Any]]:
+    def prepare(cls, sites: Sequence[Site], cfg: Any, specs: Mapping[str, ShardSpec | None] | None = None,
+                layer_group: Any = None) -> dict[str, dict[str, Any]]:
         """Model-wide work before any adapter exists (e.g. a decomposition shared by all layers of a module
-        type): returns extra constructor keyword arguments per site name. Default: none."""
+        type): returns extra constructor keyword arguments per site name (this process's sites). Default: none.
+
+        ``sites`` are this process's sites, each holding its local shard of W. ``specs`` maps a site name to the
+        ShardSpec of its split (absent or None: unsplit), the spec its adapter will be built with. ``layer_group``
+        is the process group of the ranks that hold the model's *other layers* (the pipeline group; None: this
+        process holds every layer). Every rank of the world calls prepare at the same point, so an override may
+        issue collectives over the specs' groups, ``layer_group`` and the world (the same ones, in the same order,
+        on every rank); the default, which has no model-wide work, ignores both."""
         return {}
 
     def unmerge_delta(self, merged_weight: Tensor) -> Tensor:

@@ -177,12 +177,15 @@ def spectral_features(x: Tensor, vhat: Tensor, bins: Tensor, n: int, offset: int
     return weights[None, :, None] * (vhat[:, bins].T[None] * xhat.conj()[:, :, None]).real
 
 
-def token_tasks(ids: int | Tensor, x: Tensor) -> Tensor:
-    """The task of every token of ``x`` (…, n) as a flat (N,) vector, from one task or per-sample ids (dim 0)."""
+def token_tasks(ids: int | Tensor, x: Tensor, batch_dim: int = 0) -> Tensor:
+    """The task of every token of ``x`` (…, n) as a flat (N,) vector, from one task or per-sample ids (along
+    ``batch_dim``)."""
     lead = x.shape[:-1]
     if isinstance(ids, int):
         return torch.full((math.prod(lead),), ids, dtype=torch.long, device=x.device)
-    return ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(-1)
+    shape = [1] * len(lead)
+    shape[batch_dim] = -1
+    return ids.reshape(shape).expand(lead).reshape(-1)
 
 
 def _by_group(adapters: Mapping[str, FoloraAdapter], kind: ShardKind) -> dict[int, tuple[Any, list[str]]]:
@@ -196,12 +199,11 @@ def _by_group(adapters: Mapping[str, FoloraAdapter], kind: ShardKind) -> dict[in
 
 class FoloraController(Controller):
     """Per-sample task ids to every adapter, the one-time frequency allocation (Stage 1) and the periodic
-    least-squares refit of G (Stage 2). ``data_group`` is the data-parallel group (None: the world)."""
+    least-squares refit of G (Stage 2)."""
 
     def __init__(self, adapters: Mapping[str, FoloraAdapter]):
         super().__init__(adapters)
         self.cfg: FoloraConfig = next(iter(self.adapters.values())).cfg
-        self.data_group: Any = None
         self.step = 0
         """Optimizer steps completed (checkpointed: it decides which steps capture tokens for a refit)."""
         self.step_metrics: dict[str, float] = {}
@@ -233,7 +235,7 @@ class FoloraController(Controller):
     def _capture(into: list, adapter: FoloraAdapter, x: Tensor, g: Tensor, ids: int | Tensor) -> None:
         """Refit steps: keep this micro-batch's inputs, output gradients and token tasks (N rows each)."""
         into.append((x.reshape(-1, x.shape[-1]).float(), g.detach().reshape(-1, g.shape[-1]).float(),
-                     token_tasks(ids, x)))
+                     token_tasks(ids, x, adapter.site.batch_dim)))
 
     def _reduce(self, tensors: Mapping[str, list[Tensor]], kind: ShardKind | None) -> None:
         """Sum each adapter's tensors over its split's group (adapters split as ``kind``) or, for kind None,
@@ -366,9 +368,9 @@ class FoloraAdapter(Adapter):
         if isinstance(ids, int):
             if not 0 <= ids < self.cfg.num_tasks:
                 raise ValueError(f"{self.site.name}: task {ids} is not one of the {self.cfg.num_tasks} tasks")
-        elif ids.shape != (x.shape[0],):
+        elif ids.shape != (x.shape[self.site.batch_dim],):
             raise ValueError(f"{self.site.name}: {tuple(ids.shape)} task ids for an input of shape {tuple(x.shape)}"
-                             f" (one id per sample, along the input's first dimension)")
+                             f" (one id per sample, along the input's dimension {self.site.batch_dim})")
         return ids
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
@@ -376,8 +378,10 @@ class FoloraAdapter(Adapter):
         vt, u = self.filters().to(x.dtype), self.folora_U.to(x.dtype)
         if isinstance(ids, int):
             z = F.linear(x, vt[ids])
-        else:  # mixed tasks: V_t gathered per sample, one batched GEMM
-            z = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), vt[ids].transpose(1, 2)).reshape(*x.shape[:-1], -1)
+        else:  # mixed tasks: V_t gathered per sample, one batched GEMM (samples moved to the front)
+            xb = x.movedim(self.site.batch_dim, 0)
+            z = torch.bmm(xb.reshape(xb.shape[0], -1, xb.shape[-1]), vt[ids].transpose(1, 2))
+            z = z.reshape(*xb.shape[:-1], -1).movedim(0, self.site.batch_dim)
         out = base_out + self.scale * F.linear(z, u)
         if self.recorder is not None and out.requires_grad:
             xd, record = x.detach(), self.recorder

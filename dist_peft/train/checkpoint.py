@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``checkpoints/step_NNNNNNN`` written through ``files.atomic_dir`` (temporary folder,
 fsync, rename, SHA-256 manifest): ``state.safetensors`` holds every tensor and ``state.json`` everything else,
-including the run config. Nothing is pickled, so a checkpoint from an untrusted source cannot run code; a
+including the run config. The megatron-core engine writes one such folder per rank (its shards, its RNG) inside
+the step's folder, named in ``parts.json`` (``save_parts``); it resumes only under the layout that wrote it. Nothing is pickled, so a checkpoint from an untrusted source cannot run code; a
 truncated or altered one fails its checksum before any state is touched.
 """
 
@@ -21,6 +22,7 @@ from dist_peft.files import BadFileError, atomic_dir, load_tensors, read_json, s
 from dist_peft.methods.base import Controller
 
 FORMAT_VERSION = 1
+PARTS = "parts.json"
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,40 @@ def save_checkpoint(folder: Path, *, step: int, data_position: int, config: dict
     return folder
 
 
-def load_checkpoint(folder: str | Path) -> Checkpoint:
-    """Read and verify a checkpoint folder (checksums first, then format)."""
+def save_parts(folder: Path, part: str, is_main: bool, **state: Any) -> Path:
+    """Every rank writes its own checkpoint ``part`` (``save_checkpoint``'s arguments) into a staging folder;
+    after a barrier the main rank moves all parts into ``folder`` at once (atomically) with ``parts.json``
+    naming them. A collective: every rank calls it."""
+    import torch.distributed as dist
+
+    staging = folder.parent / f".{folder.name}.parts"
+    save_checkpoint(staging / part, **state)
+    dist.barrier()
+    if is_main:
+        parts = sorted(p.name for p in staging.iterdir() if not p.name.startswith("."))
+        with atomic_dir(folder) as tmp:
+            for name in parts:
+                (staging / name).rename(tmp / name)
+            write_json(tmp / PARTS, {"format_version": FORMAT_VERSION, "step": state["step"], "parts": parts})
+        shutil.rmtree(staging)
+    return folder
+
+
+def load_checkpoint(folder: str | Path, part: str | None = None) -> Checkpoint:
+    """Read and verify a checkpoint folder (checksums first, then format); ``part``: this rank's part of a
+    checkpoint written with ``save_parts`` (None: a whole-tensor checkpoint)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BadFileError(f"{folder}: no such checkpoint folder")
     verify_dir(folder)
+    if (folder / PARTS).is_file() or part is not None:
+        parts = read_json(folder / PARTS)["parts"] if (folder / PARTS).is_file() else []
+        if part not in parts:
+            raise BadFileError(f"{folder}: holds {'the parts ' + ', '.join(parts) if parts else 'whole tensors'}, "
+                               f"this rank needs {part or 'whole tensors'}: resume a checkpoint under the engine and "
+                               f"parallel layout that wrote it (adapter files and exports work across engines)")
+        folder = folder / part
+        verify_dir(folder)
     meta = read_json(folder / "state.json")
     if meta.get("format_version") != FORMAT_VERSION:
         raise BadFileError(f"{folder}: checkpoint format_version {meta.get('format_version')} is not {FORMAT_VERSION}")

@@ -237,6 +237,22 @@ class DeepSpeedConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """megatron-core tensor and pipeline parallelism (``integrations/megatron_engine.py``); the ranks left over,
+    world / (tensor × pipeline), are data parallel. Without this section the transformers engine runs."""
+
+    tensor: int = 1
+    """Tensor-parallel size: every targeted projection is split over this many ranks (Megatron's column / row
+    parallel linears); it must divide the attention heads, the key-value heads, the MLP width and the vocab."""
+    pipeline: int = 1
+    """Pipeline stages: the decoder layers are split evenly over them (it must divide the layer count);
+    ``train.grad_accum`` micro-batches go through megatron-core's 1F1B schedule per step."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "tensor", "pipeline")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     model: ModelConfig
     method: MethodConfig
@@ -245,6 +261,8 @@ class RunConfig:
     output: OutputConfig
     deepspeed: DeepSpeedConfig | None = None
     """Present: the DeepSpeed ZeRO engine; absent: the plain engine."""
+    parallel: ParallelConfig | None = None
+    """Present: the megatron-core engine (tensor / pipeline parallel); absent: the transformers engine."""
 
     def __post_init__(self) -> None:
         formats = [t.format for t in self.data.tasks] or [self.data.format]
@@ -258,6 +276,13 @@ class RunConfig:
         if self.deepspeed and self.deepspeed.train_batch_size and self.deepspeed.train_batch_size % per_rank:
             raise ValueError(f"deepspeed.train_batch_size: {self.deepspeed.train_batch_size} is not a multiple of "
                              f"train.micro_batch_size × train.grad_accum = {per_rank}")
+        if self.parallel is not None:
+            if self.deepspeed is not None:
+                raise ValueError("parallel: the megatron-core engine does not run under DeepSpeed ZeRO; leave out "
+                                 "one of the parallel and deepspeed sections")
+            if self.model.task != "causal_lm" or self.model.trainable_modules:
+                raise ValueError("parallel: the megatron-core engine trains causal-LM adapters only (model.task "
+                                 "causal_lm, no model.trainable_modules)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -265,14 +290,19 @@ class RunConfig:
                        **dataclasses.asdict(self.method.options)}
         if not self.data.tasks:  # single-task configs keep their pre-multitask dict (checkpoints compare it)
             del d["data"]["tasks"]
-        if self.deepspeed is None:  # plain-engine configs keep their pre-DeepSpeed dict
-            del d["deepspeed"]
+        for section in ("deepspeed", "parallel"):  # configs without them keep their earlier dict
+            if d[section] is None:
+                del d[section]
         return _plain(d)
 
 
 def check_world_size(cfg: RunConfig, world: int) -> None:
     """Refuse a launch of ``world`` ranks that the config's sizes do not fit (a ConfigError naming the key);
     called before any process group or collective exists."""
+    mp = cfg.parallel.tensor * cfg.parallel.pipeline if cfg.parallel else 1
+    if world % mp:
+        raise ConfigError(f"parallel: tensor × pipeline = {mp} ranks per model replica do not divide the {world} "
+                          f"ranks of this launch; launch a multiple of {mp} ranks or change the config")
     ds = cfg.deepspeed
     if ds is not None and ds.train_batch_size is not None:
         per_rank = cfg.train.micro_batch_size * cfg.train.grad_accum

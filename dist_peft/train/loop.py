@@ -31,14 +31,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dist_peft.integrations.transformers import adapted_sites, inject_adapters, save_adapter, trainable_parameters, \
-    trainable_summary
+    trainable_summary, write_adapter_files
 from dist_peft.methods.base import Adapter, StepContext
 from dist_peft.parallel import collectives
 from dist_peft.parallel.runtime import init_runtime
 from dist_peft.train import checkpoint as ckpt
 from dist_peft.train.config import RunConfig, TrainConfig, check_world_size
 from dist_peft.train.data import IGNORE, build_data, collate
-from dist_peft.train.models import load_model
+from dist_peft.train.models import load_model, model_folder
 
 
 RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.threads", "train.eval_every", "train.save_every"}
@@ -83,17 +83,31 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.run_dir = Path(cfg.output.dir)
-        self.model, self.tokenizer = load_model(cfg.model)
-        torch.manual_seed(t.seed)  # dropout and any trainable head draw from here on
-        inject_adapters(self.model, cfg.method.name, cfg.method.options, cfg.method.target_modules,
-                        cfg.model.trainable_modules, seed=t.seed)
-        self.model.to(self.rt.device)
-        self.echo(f"{cfg.method.name} on {len(adapted_sites(self.model))} sites; {trainable_summary(self.model)}")
-        self.params = trainable_parameters(self.model)
-        adapters = {name: s.adapter for name, s in adapted_sites(self.model).items()}
+        self.mg = None  # the megatron-core engine, with a parallel section
+        if cfg.parallel is None:
+            self.model, self.tokenizer = load_model(cfg.model)
+            torch.manual_seed(t.seed)  # dropout and any trainable head draw from here on
+            inject_adapters(self.model, cfg.method.name, cfg.method.options, cfg.method.target_modules,
+                            cfg.model.trainable_modules, seed=t.seed)
+            self.model.to(self.rt.device)
+            self.echo(f"{cfg.method.name} on {len(adapted_sites(self.model))} sites; {trainable_summary(self.model)}")
+            self.params = trainable_parameters(self.model)
+            adapters = {name: s.adapter for name, s in adapted_sites(self.model).items()}
+            vocab, self.data_rank, self.data_world = self.model.config.vocab_size, self.rt.rank, self.rt.world
+        else:
+            from dist_peft.integrations.megatron_engine import MegatronEngine  # megatron only when configured
+
+            folder, self.tokenizer = model_folder(cfg.model, self.run_dir, self.rt.is_main)
+            torch.manual_seed(t.seed)
+            self.mg = MegatronEngine(cfg, folder)
+            self.model, self.params, adapters = None, self.mg.params, self.mg.adapters
+            vocab, self.data_rank, self.data_world = self.mg.hf.vocab_size, self.mg.data_rank, self.mg.data_world
+            self.echo(f"{cfg.method.name} on megatron-core, tensor {cfg.parallel.tensor} × pipeline "
+                      f"{cfg.parallel.pipeline} × data {self.data_world}; rank 0 holds {len(adapters)} sites")
         self.optimizer = build_optimizer(self.params, adapters.values(), t)
         self.controller = next(iter(adapters.values())).controller_cls(adapters)
-        self.train_ds, self.eval_sets, self.order = build_data(cfg.data, self.tokenizer, self.model.config.vocab_size)
+        self.controller.data_group = self.mg.dp_group if self.mg else None
+        self.train_ds, self.eval_sets, self.order = build_data(cfg.data, self.tokenizer, vocab)
         self.step = self.position = 0
         self.history: list[dict[str, Any]] = []
         self.ds = None  # calibration and resume run on the plain model (_loss_sum reads self.ds)
@@ -113,7 +127,7 @@ class Trainer:
         return ZeroEngine(self.model, self.optimizer, self.params, self.cfg)
 
     def _resume(self, path: Path) -> ckpt.Checkpoint:
-        c = ckpt.load_checkpoint(path)
+        c = ckpt.load_checkpoint(path, self.mg.part_name if self.mg else None)
         # Decision (issue 7): every engine writes whole tensors in one format, so the deepspeed section may change.
         changed = {k for k in _config_changes(c.config, self.cfg.to_dict()) if k.split(".")[0] != "deepspeed"}
         changed -= RESUMABLE_CHANGES
@@ -134,13 +148,15 @@ class Trainer:
         calibrate = getattr(self.controller, "calibrate", None)
         if calibrate is None:
             return
-        t, rt = self.cfg.train, self.rt
+        t = self.cfg.train
 
         def draw(task: int, i: int) -> dict[str, Tensor]:
-            return self._batch(self.order.task_micro_batch(self.train_ds, task, i, t.micro_batch_size, rt.rank,
-                                                           rt.world))
+            return self._batch(self.order.task_micro_batch(self.train_ds, task, i, t.micro_batch_size,
+                                                           self.data_rank, self.data_world))
 
         def backward(batch: dict[str, Tensor]) -> None:
+            if self.mg is not None:
+                return self.mg.backward_sum(self._megatron(batch))
             self.model.train()
             self._loss_sum(batch)[0].backward()
 
@@ -166,21 +182,32 @@ class Trainer:
     def _batch(self, examples: list[dict]) -> dict[str, Tensor]:
         return {k: v.to(self.rt.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
 
+    def _megatron(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        from dist_peft.integrations.megatron_engine import to_megatron_batch
+
+        return to_megatron_batch(batch, self.cfg.data.seq_len, self.tokenizer.pad_token_id)
+
     @staticmethod
     def _targets(batch: dict[str, Tensor]) -> int:
         labels = batch["labels"]
         return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != IGNORE).sum())
 
     def train_step(self) -> dict[str, Any]:
-        t, rt = self.cfg.train, self.rt
+        t = self.cfg.train
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr / t.lr
         batches = [self._batch(self.order.micro_batch(self.train_ds, self.position + i, t.micro_batch_size,
-                                                       rt.rank, rt.world)) for i in range(t.grad_accum)]
+                                                       self.data_rank, self.data_world)) for i in range(t.grad_accum)]
         counts = torch.tensor([float(sum(self._targets(b) for b in batches)),
                                float(sum(b["attention_mask"].sum() for b in batches))])
-        collectives.all_reduce(counts)
+        collectives.all_reduce(counts, self.controller.data_group)
+        ctx = StepContext(self.step, lr, self.optimizer, total_steps=t.steps)
+        if self.mg is not None:
+            loss_sum = torch.tensor(self.mg.forward_backward([self._megatron(b) for b in batches], float(counts[0]),
+                                                             self.controller), dtype=torch.float64)
+            norm = self.mg.optimizer_step(self.optimizer, self.controller, ctx, t.max_grad_norm)
+            return self._step_record(loss_sum, counts, lr, norm)
         self.model.train()
         loss_sum = torch.zeros(())
         for i, batch in enumerate(batches):
@@ -191,20 +218,22 @@ class Trainer:
             else:
                 (loss / counts[0]).backward()
             loss_sum += loss.detach().cpu()
-        self.position += t.grad_accum
         if self.ds is not None:  # hooks, clip, step and zero_grad in the order above, on DeepSpeed's partitions
             norm = self.ds.optimizer_step(self.controller, self.ds.step_context(self.step, lr, t.steps))
         else:
             collectives.all_reduce_coalesced([p.grad for p in self.params.values() if p.grad is not None])
-            ctx = StepContext(self.step, lr, self.optimizer, total_steps=t.steps)
             self.controller.before_optimizer_step(ctx)
             grads = [p for p in self.params.values() if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(grads, t.max_grad_norm if t.max_grad_norm else math.inf)
             self.optimizer.step()
             self.controller.after_optimizer_step(ctx)
             self.optimizer.zero_grad(set_to_none=True)
+        return self._step_record(loss_sum, counts, lr, norm)
+
+    def _step_record(self, loss_sum: Tensor, counts: Tensor, lr: float, norm: Any) -> dict[str, Any]:
         self.step += 1
-        loss = collectives.all_reduce(loss_sum).item() / counts[0].item()
+        self.position += self.cfg.train.grad_accum
+        loss = collectives.all_reduce(loss_sum, self.controller.data_group).item() / counts[0].item()
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(norm), "tokens": int(counts[1]),
                 **getattr(self.controller, "step_metrics", {})}
 
@@ -221,8 +250,7 @@ class Trainer:
     def _evaluate_set(self, eval_ds) -> dict[str, float]:
         """Mean loss over one held-out set (perplexity for LMs, accuracy for classification); each rank
         takes every world-th batch and the sums are reduced."""
-        t, rt = self.cfg.train, self.rt
-        self.model.eval()
+        t = self.cfg.train
         n_batches = math.ceil(len(eval_ds) / t.micro_batch_size)
         if t.eval_batches:
             n_batches = min(n_batches, t.eval_batches)
@@ -230,15 +258,20 @@ class Trainer:
         # ZeRO-3 gathers weights inside every forward (collectives): then all ranks run as many forwards, the
         # ranks past the last batch repeating it without counting it.
         lockstep = self.ds is not None and self.cfg.deepspeed.zero_stage == 3
-        for i in range(rt.rank, math.ceil(n_batches / rt.world) * rt.world if lockstep else n_batches, rt.world):
+        rank, world = self.data_rank, self.data_world
+        for i in range(rank, math.ceil(n_batches / world) * world if lockstep else n_batches, world):
             b = min(i, n_batches - 1)
             rows = eval_ds.select(range(b * t.micro_batch_size, min((b + 1) * t.micro_batch_size, len(eval_ds))))
             batch = self._batch(list(rows))
-            self.controller.on_batch(batch)
-            loss, correct = self._loss_sum(batch)
+            if self.mg is not None:
+                loss, correct = self.mg.eval_sums(self._megatron(batch), self.controller)
+            else:
+                self.model.eval()
+                self.controller.on_batch(batch)
+                loss, correct = self._loss_sum(batch)
             if i < n_batches:
-                sums += torch.tensor([loss.item(), self._targets(batch), correct.item()])
-        collectives.all_reduce(sums)
+                sums += torch.tensor([float(loss), self._targets(batch), float(correct)])
+        collectives.all_reduce(sums, self.controller.data_group)
         mean = (sums[0] / sums[1]).item()
         out = {"eval_loss": mean, "eval_accuracy": (sums[2] / sums[1]).item()}
         if self.cfg.model.task == "causal_lm":
@@ -246,15 +279,20 @@ class Trainer:
         return out
 
     def save(self) -> Path | None:
-        """Write a checkpoint from rank 0 (None elsewhere). Under DeepSpeed every rank must call it: the whole
-        tensors are gathered from the partitions first."""
+        """Write a checkpoint from rank 0 (None elsewhere); every rank must call it. Under DeepSpeed the whole
+        tensors are gathered from the partitions first; under megatron-core every rank writes its own part, its
+        shards and RNG states (``checkpoint.save_parts``)."""
+        folder = ckpt.checkpoint_dir(self.run_dir, self.step)
         state = (self.params, self.optimizer, self.controller) if self.ds is None else \
             self.ds.full_state(self.controller)
+        meta = {"step": self.step, "data_position": self.position, "config": self.cfg.to_dict()}
+        if self.mg is not None:
+            path = ckpt.save_parts(folder, self.mg.part_name, self.rt.is_main, **meta, params=state[0], optimizer=state[1],
+                                   controller=state[2])
+        elif self.rt.is_main:
+            path = ckpt.save_checkpoint(folder, **meta, params=state[0], optimizer=state[1], controller=state[2])
         if not self.rt.is_main:
             return None
-        path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.run_dir, self.step), step=self.step,
-                                    data_position=self.position, config=self.cfg.to_dict(), params=state[0],
-                                    optimizer=state[1], controller=state[2])
         ckpt.prune(self.run_dir, self.cfg.train.keep_checkpoints)
         return path
 
@@ -292,8 +330,14 @@ class Trainer:
         after = self.evaluate()
         self._log({"step": self.step, **after})
         adapter_dir = self.run_dir / "adapter"
-        with contextlib.nullcontext() if self.ds is None else self.ds.gathered_params():
+        if self.mg is not None:  # whole tensors gathered over TP and PP, in the transformers engine's files
+            state = self.mg.full_adapter_state()
             if self.rt.is_main:
+                first = next(iter(self.mg.adapters.values()))
+                write_adapter_files(adapter_dir, state, first, sorted(self.cfg.method.target_modules), [],
+                                    base_model=self.cfg.model.source)
+        with contextlib.nullcontext() if self.ds is None else self.ds.gathered_params():
+            if self.rt.is_main and self.mg is None:
                 task = "SEQ_CLS" if self.cfg.model.task == "classification" else "CAUSAL_LM"
                 save_adapter(self.model, adapter_dir, base_model=self.cfg.model.source, task_type=task)
         summary = {"eval_before": before, "eval_after": after, "tokens_per_s": tokens / seconds if seconds else None,

@@ -78,21 +78,51 @@ def build_tiny_llama(cfg: TinyModelConfig, task: str = "causal_lm", num_labels: 
         return cls(config).eval()
 
 
-def load_model(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast]:
-    """(model in eval mode, tokenizer) for ``cfg.source``, weights in ``cfg.dtype``."""
-    if cfg.source == "tiny-llama":
-        return build_tiny_llama(cfg.tiny, cfg.task, cfg.num_labels).to(DTYPES[cfg.dtype]), byte_tokenizer()
+def _hf_folder(cfg: ModelConfig) -> Path:
     folder = packaged_model_dir(cfg.source) if cfg.source in PACKAGED_GGUF else Path(cfg.source)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model.source {cfg.source!r}: neither a packaged model "
                                 f"({', '.join(PACKAGED_GGUF)}, tiny-llama) nor a Hugging Face model folder")
+    return folder
+
+
+def _tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast]:
+    """(model in eval mode, tokenizer) for ``cfg.source``, weights in ``cfg.dtype``."""
+    if cfg.source == "tiny-llama":
+        return build_tiny_llama(cfg.tiny, cfg.task, cfg.num_labels).to(DTYPES[cfg.dtype]), byte_tokenizer()
+    folder = _hf_folder(cfg)
+    tok = _tokenizer(folder)
     if cfg.task == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=cfg.num_labels,
                                                                    dtype=DTYPES[cfg.dtype])
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[cfg.dtype])
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
     return model.eval(), tok
+
+
+def model_folder(cfg: ModelConfig, run_dir: Path, is_main: bool) -> tuple[Path, PreTrainedTokenizerFast]:
+    """(Hugging Face model folder, tokenizer) for engines that read the weights per rank from safetensors (the
+    megatron-core engine). The main rank writes the tiny model to ``run_dir/tiny-llama`` or converts a packaged
+    model, once; every rank waits for it (a collective)."""
+    import torch.distributed as dist
+
+    if is_main:
+        if cfg.source == "tiny-llama":
+            with atomic_dir(run_dir / "tiny-llama") as tmp:
+                build_tiny_llama(cfg.tiny).to(DTYPES[cfg.dtype]).save_pretrained(tmp)
+        elif cfg.source in PACKAGED_GGUF:
+            packaged_model_dir(cfg.source)
+    if dist.is_initialized():
+        dist.barrier()
+    if cfg.source == "tiny-llama":
+        return run_dir / "tiny-llama", byte_tokenizer()
+    folder = _hf_folder(cfg)
+    return folder, _tokenizer(folder)
