@@ -24,6 +24,7 @@ from dist_peft.parallel.runtime import LaunchError
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-lora-zero2.yaml"
 PLAIN = REPO / "configs" / "tiny-lora.yaml"
+MEGATRON = REPO / "configs" / "tiny-lora-tp2pp2.yaml"
 SETS = ["--set", "train.steps=3", "--set", "train.threads=1", "--set", "train.progress=false"]
 TIMEOUT_S = 300
 """A launch that hangs fails the test here instead of blocking the suite."""
@@ -126,11 +127,49 @@ def test_a_crashing_rank_ends_the_job_with_its_error_under_every_launcher(tmp_pa
         "        return step(self)\n"
         "    loop.Trainer.train_step = failing\n")
     env = {"PYTHONPATH": f"{inject}:{REPO}"}
-    results = _run_side_by_side(_launches(tmp_path, ["torchrun", "deepspeed", "mpirun"], env, config=PLAIN))
+    launches = _launches(tmp_path, ["torchrun", "deepspeed", "mpirun"], env, config=PLAIN)
+    launches["megatron"] = _megatron_launch(tmp_path / "megatron", **env)  # TP2×PP2: 4 ranks
+    results = _run_side_by_side(launches)
     for name, (rc, out) in results.items():
         assert rc != 0, f"{name} exited 0:\n{out[-3000:]}"
         assert "RuntimeError: injected failure on rank 1" in out, f"{name}:\n{out[-3000:]}"
         assert not (tmp_path / name / "adapter").exists(), name
+
+
+def _megatron_launch(run_dir: Path, *extra: str, **env: str) -> tuple[list[str], dict[str, str]]:
+    return (["bash", "launch/torchrun.sh", str(MEGATRON), *SETS, "--set", f"output.dir={run_dir}", *extra],
+            _env(NPROC="4", **env))
+
+
+def test_megatron_tp2_pp2_under_torchrun_logs_the_single_process_losses_and_resumes_exactly(tmp_path):
+    """configs/tiny-lora-tp2pp2.yaml on 4 torchrun ranks logs the losses of the same config without its parallel
+    section in one process (float tolerance), writes a checkpoint of 4 parts every 2 steps, and a second launch
+    resumed from step 2 logs steps 3-4 bitwise as the straight run did."""
+    import yaml
+
+    from dist_peft.train.config import from_dict
+    from dist_peft.train.loop import Trainer
+
+    run = tmp_path / "tp2pp2"
+    straight = _run_side_by_side({"a": _megatron_launch(run, "--set", "train.steps=4", "--set", "train.save_every=2")})
+    assert straight["a"][0] == 0, straight["a"][1][-3000:]
+    raw = yaml.safe_load(MEGATRON.read_text())
+    del raw["parallel"]
+    raw["train"].update(steps=4, threads=1, progress=False)
+    raw["output"]["dir"] = str(tmp_path / "single")
+    reference = Trainer(from_dict(raw), echo=lambda m: None)
+    reference.run()
+    logged = _losses(run)
+    assert len(logged) == 6  # eval, 4 steps, eval
+    for (step, loss), record in zip(logged, reference.history):
+        assert step == record["step"] and abs(loss - record.get("loss", record.get("eval_loss"))) < 1e-4 * loss
+    parts = json.loads((run / "checkpoints" / "step_0000002" / "parts.json").read_text())["parts"]
+    assert parts == [f"tp{t:02d}_pp{p:02d}_dp000" for t in range(2) for p in range(2)]
+    resumed = _run_side_by_side({"b": _megatron_launch(run, "--set", "train.steps=4", "--resume",
+                                                        str(run / "checkpoints" / "step_0000002"))})
+    assert resumed["b"][0] == 0, resumed["b"][1][-3000:]
+    after = _losses(run)[len(logged):]
+    assert after[1:3] == logged[3:5], (after, logged)  # steps 3 and 4, after the resumed run's eval at step 2
 
 
 def test_a_world_size_the_config_does_not_fit_stops_the_job_before_any_collective(tmp_path):
