@@ -1,8 +1,10 @@
 """FRoD: the HJD against the paper's QR route, numpy and HF PEFT; exact reconstruction (random and SmolLM2-135M
-weights); identity at init; Σ/S gradients against a dense autograd reference of Eq. 8; virtual shards; HF PEFT's
-FRoD at the same pattern; the HJD cache (reuse, refusal, checksum); training, merge and files."""
+weights); identity at init; Σ/S gradients against a dense autograd reference of Eq. 8; virtual shards; the HJD of
+TP 2 × PP 2 shards on 4 ranks; HF PEFT's FRoD at the same pattern; the HJD cache (reuse, refusal, checksum);
+training, merge and files."""
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -10,17 +12,18 @@ import pytest
 import torch
 import yaml
 
-from dist_peft.files import BadFileError
+from dist_peft.files import BadFileError, load_tensors, read_json
 from conftest import check_merge_round_trip
 from dist_peft.integrations.transformers import adapted_sites, inject_adapters, load_adapter, save_adapter
 from dist_peft.methods.base import Site
 from dist_peft.methods.frod import FrodAdapter, FrodBasis, FrodConfig
 from dist_peft.ops import hjd
 from dist_peft.ops.sparse_latent import csr_pattern, latent_update, off_diagonal_pattern, with_diagonal
-from dist_peft.parallel.hjd_cache import compute_hjd
-from dist_peft.parallel.shard import ShardSpec
+from dist_peft.parallel.hjd_cache import KEY, compute_hjd
+from dist_peft.parallel.shard import ShardKind, ShardSpec
 from dist_peft.train.config import TinyModelConfig, from_dict
 from dist_peft.train.models import build_tiny_llama
+from distributed import run_dist
 from virtual_shards import compare_with_unsplit
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -240,6 +243,128 @@ def test_incompatible_split_and_side_are_refused(tmp_path):
         shard = Site(site.name, site.module_type, 0, 12, 10, spec.shard(site.weight, spec.weight_dim))
         with pytest.raises(ValueError, match="output_side_modules"):
             FrodAdapter(shard, spec, adapter.cfg, **kwargs)
+
+
+# One type per way a split meets a side (parallel/hjd_cache.py): (split, (m, n)). q_proj (input side) and o_proj
+# (output side) have their latent rows split: partial Grams summed over TP. k_proj (output side on a column
+# split) and down_proj (input side on a row split) have their latent dimension split: gathered. gate_proj's
+# columns span 8 decades: the TSQR route, its R factors gathered over both groups.
+SPLIT_TYPES = {"q_proj": ("column", (12, 8)), "o_proj": ("row", (8, 12)), "k_proj": ("column", (8, 12)),
+               "down_proj": ("row", (12, 8)), "gate_proj": ("column", (12, 8))}
+SPLIT_CFG = {"sparse_rate": 0.3, "output_side_modules": ("o_proj", "k_proj")}
+
+
+def _split_sites(tp_rank=0, stage=None, tp_group=None):
+    """(sites, specs) of TP rank ``tp_rank`` of ``stage`` (layers 2p, 2p+1 of 4, its shard of each weight, fp32);
+    every layer whole when ``stage`` is None."""
+    gen = torch.Generator().manual_seed(7)
+    sites, specs = [], {}
+    for module, (kind, (m, n)) in SPLIT_TYPES.items():
+        scale = torch.logspace(0, -8, n) if module == "gate_proj" else torch.ones(n)
+        spec = ShardSpec() if stage is None else ShardSpec(kind, tp_rank, 2, tp_group)
+        for i in range(4):
+            w = torch.randn(m, n, generator=gen) * scale
+            if stage is None or i // 2 == stage:
+                name = f"model.layers.{i}.{module}"
+                sites.append(Site(name, module, i, m, n, w if stage is None else spec.shard(w, spec.weight_dim)))
+                specs[name] = spec
+    return sites, specs
+
+
+def _split_output(site, spec, cfg, kwargs):
+    """The site's output (local slice for column, partial sum for row) on a fixed input with Σ ≠ σ⁰, S ≠ 0 seeded
+    by the layer, so that every shard and the unsplit adapter draw the same values."""
+    adapter = FrodAdapter(site, spec, cfg, **kwargs)
+    gen = torch.Generator().manual_seed(site.layer_index)
+    with torch.no_grad():
+        adapter.frod_sigma.mul_(1 + 0.3 * torch.randn(adapter.frod_sigma.shape, generator=gen))
+        adapter.frod_s.normal_(0, 0.3, generator=gen)
+    x = torch.randn(5, site.in_features, generator=gen)
+    x = spec.shard(x, 1) if spec.kind is ShardKind.ROW else x
+    return adapter.forward_site(x, lambda a: a @ site.weight.T).detach().numpy()
+
+
+def _prepare_tp2_pp2(cache):
+    """Rank r = 2p + t: TP groups {0,1}, {2,3}; pipeline groups {0,2}, {1,3}. prepare twice (compute, then load
+    from ``cache``); returns the bases, σ⁰, the collectives of each call and the q/o adapters' outputs."""
+    import torch.distributed as dist
+
+    from dist_peft.parallel import collectives
+
+    tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    stage, t = divmod(dist.get_rank(), 2)
+    sites, specs = _split_sites(t, stage, tp_groups[stage])
+    cfg = FrodConfig(hjd_cache=cache, **SPLIT_CFG)
+    collectives.TRACE.reset()
+    computed = FrodAdapter.prepare(sites, cfg, specs, pp_groups[t])
+    computed_trace = collectives.TRACE.reset()
+    loaded = FrodAdapter.prepare(sites, cfg, specs, pp_groups[t])
+    fields = ("first", "first_inv", "p_rows", "p_cols")
+    return {"bases": {s.module_type: {f: getattr(computed[s.name]["basis"], f).numpy() for f in fields}
+                      for s in sites},
+            "sigma0": {name: kw["sigma0"].numpy() for name, kw in computed.items()},
+            "load_is_bitwise": all(torch.equal(getattr(computed[n]["basis"], f), getattr(loaded[n]["basis"], f))
+                                   and torch.equal(computed[n]["sigma0"], loaded[n]["sigma0"])
+                                   for n in computed for f in fields),
+            "calls": (computed_trace["calls"], collectives.TRACE.reset()["calls"]),
+            "outputs": {s.name: _split_output(s, specs[s.name], cfg, computed[s.name]) for s in sites
+                        if s.module_type in ("q_proj", "o_proj")}}
+
+
+def test_hjd_of_tp2_pp2_shards_matches_one_process(tmp_path, capsys):
+    """4 gloo ranks, TP 2 × PP 2, every way a split meets a side (SPLIT_TYPES): prepare on the local shards gives
+    every rank the same bits of the basis, equal to one process's prepare on the whole weights (R, Z, λ and every
+    σ⁰ in the cache entries, the latent maps, the pattern), σ⁰ of its own layers, and adapters whose reassembled
+    outputs equal the unsplit ones. The cache key is layout-independent (the same key.json; one process loads the
+    entries the 4 ranks wrote); a second prepare on 4 ranks loads them (no all-reduce) to the same bits."""
+    results = run_dist(_prepare_tp2_pp2, 4, cache=str(tmp_path / "split"))
+    sites, _ = _split_sites()
+    cfg = FrodConfig(hjd_cache=str(tmp_path / "whole"), **SPLIT_CFG)
+    ref = FrodAdapter.prepare(sites, cfg)
+    gate = {s.name: s.weight for s in sites if s.module_type == "gate_proj"}
+    assert compute_hjd("gate_proj", "input", gate, 1e-3)[1]["route"] == "tsqr"
+    for module in SPLIT_TYPES:
+        got, want = (load_tensors(tmp_path / d / module / "hjd.safetensors") for d in ("split", "whole"))
+        assert read_json(tmp_path / "split" / module / KEY) == read_json(tmp_path / "whole" / module / KEY)
+        for name in ("R", "Z", "eigenvalues", "sigma"):
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-9 * want[name].abs().max().item())
+        basis = ref[f"model.layers.0.{module}"]["basis"]
+        for field, value in results[0]["bases"][module].items():
+            assert all(np.array_equal(results[r]["bases"][module][field], value) for r in range(4)), (module, field)
+            want_field = getattr(basis, field).numpy()
+            np.testing.assert_allclose(value, want_field, rtol=0, atol=1e-6 * np.abs(want_field).max())
+    for rank, result in results.items():
+        assert result["load_is_bitwise"] and "all_reduce" in result["calls"][0]
+        assert "all_reduce" not in result["calls"][1] and result["calls"][1]["broadcast"] == 5 * 5
+        stage = rank // 2
+        assert sorted(result["sigma0"]) == sorted(s.name for s in sites if s.layer_index // 2 == stage)
+        for name, sigma in result["sigma0"].items():
+            assert np.array_equal(sigma, results[rank ^ 1]["sigma0"][name])  # the TP peer's bits
+            np.testing.assert_allclose(sigma, ref[name]["sigma0"].numpy(), rtol=1e-9)
+    for site in sites:
+        if site.module_type not in ("q_proj", "o_proj"):
+            continue
+        shards = [results[2 * (site.layer_index // 2) + t]["outputs"][site.name] for t in (0, 1)]
+        out = np.concatenate(shards, -1) if site.module_type == "q_proj" else shards[0] + shards[1]
+        np.testing.assert_allclose(out, _split_output(site, ShardSpec(), cfg, ref[site.name]), rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    again = FrodAdapter.prepare(sites, dataclasses.replace(cfg, hjd_cache=str(tmp_path / "split")))
+    assert capsys.readouterr().out.count("loaded from") == len(SPLIT_TYPES)
+    for module in SPLIT_TYPES:
+        first = again[f"model.layers.0.{module}"]["basis"].first.numpy()
+        assert np.array_equal(first, results[0]["bases"][module]["first"])
+
+
+def test_prepare_refuses_a_shard_without_its_split_or_group():
+    """A local shard passed without its ShardSpec, or with a virtual one (no process group), is a clear error."""
+    spec = ShardSpec("column", 0, 2)
+    shards = [dataclasses.replace(s, weight=spec.shard(s.weight, 0)) for s in _split_sites()[0]
+              if s.module_type == "q_proj"]
+    with pytest.raises(ValueError, match="pass its ShardSpec"):
+        FrodAdapter.prepare(shards, FrodConfig())
+    with pytest.raises(ValueError, match="virtual shard"):
+        FrodAdapter.prepare(shards, FrodConfig(), {s.name: spec for s in shards})
 
 
 def _share_peft_bases(ours, theirs):

@@ -30,6 +30,7 @@ METHODS = {  # method section, other sections: sized so that each method's contr
     "odlora": ({"target_modules": ["q_proj", "down_proj"], "r": 4, "init_rounds": 1, "init_steps": 1}, {}),
     "scalora": ({"target_modules": ["v_proj", "o_proj", "gate_proj"], "r": 4, "interval": 1, "lipschitz": 10.0},
                 {}),
+    "frod": ({"target_modules": ["q_proj", "o_proj", "down_proj"], "sparse_rate": 0.05, "s_lr": 0.005}, {}),
     "folora": ({"target_modules": ["q_proj", "down_proj"], "r": 4, "num_tasks": 2, "calibration_batches": 1,
                 "refit_every": 2},
                {"data": {"source": None, "tasks": [{"name": "a", "source": "synthetic", "seed": 1},
@@ -37,14 +38,17 @@ METHODS = {  # method section, other sections: sized so that each method's contr
 }
 
 
-ATOL = {"folora": 3e-4}
-"""FO-LoRA's V gets near-zero gradients outside a task's bins; Adam scales them to lr-sized steps, so the
-rounding of another reduction order shows up to ~1% of lr in a few entries (as in tests/test_deepspeed.py)."""
+ATOL = {"folora": 3e-4, "frod": 3e-4}
+"""FO-LoRA's V (outside a task's bins) and FRoD's sparse S on the tiny model get near-zero gradients; Adam scales
+them to lr-sized steps, so the rounding of another reduction order shows up to ~1% of lr in a few entries (as in
+tests/test_deepspeed.py); losses still agree to 2e-5 and a wrong reduction moves entries by O(lr)."""
 
 
 def _cfg(run_dir, method: str, layout=None):
     section, other = METHODS[method]
     dp = WORLD // (layout[0] * layout[1]) if layout else 1
+    if method == "frod":  # the HJD cache of this run, not the user's
+        section = {**section, "hjd_cache": f"{run_dir}/hjd"}
     raw = {**tiny_config(run_dir, train={**TRAIN, "micro_batch_size": GLOBAL_MICRO // dp}, **other).to_dict(),
            "method": {"name": method, **section}}
     if layout is not None:
@@ -52,9 +56,18 @@ def _cfg(run_dir, method: str, layout=None):
     return from_dict(raw)
 
 
+PROBE = torch.arange(24).reshape(2, 12) % 250
+
+
 def _run(cfg) -> dict:
-    """Train; the history, each step's collective counts, and the adapter files' folder."""
+    """Train; the history, each step's collective counts, the adapter files' folder, and (megatron) the logits
+    of PROBE before training on the last stage."""
     trainer = Trainer(cfg, echo=lambda m: None)
+    logits = None
+    if trainer.mg is not None:
+        from dist_peft.integrations.megatron_engine import to_megatron_batch
+
+        logits = trainer.mg.logits(to_megatron_batch({"input_ids": PROBE, "labels": PROBE}, PROBE.shape[1], 256))
     traces, step = [], trainer.train_step
 
     def traced():
@@ -65,7 +78,8 @@ def _run(cfg) -> dict:
 
     trainer.train_step = traced
     summary = trainer.run()
-    return {"history": trainer.history, "traces": traces, "adapter_dir": summary["adapter_dir"]}
+    return {"history": trainer.history, "traces": traces, "adapter_dir": summary["adapter_dir"],
+            "logits": None if logits is None else logits.numpy()}
 
 
 def _all_layouts(run_dir: str) -> dict:
@@ -121,11 +135,24 @@ def test_every_layout_matches_the_single_process_engine(runs, method):
                                        msg=f"{key} under {layout}")
 
 
+def test_megatron_logits_equal_the_hf_models(runs, tmp_path):
+    """The GPTModel built from the HF folder (slices read per rank) gives the HF model's logits at TP=2×PP=2,
+    TP=2 and TP=1×PP=2."""
+    results, _ = runs
+    with torch.no_grad():
+        hf = build_tiny_llama(_cfg(tmp_path, "lora").model.tiny)(input_ids=PROBE).logits
+    for layout in LAYOUTS:
+        last = [r[layout, "lora"]["logits"] for r in results.values() if r[layout, "lora"]["logits"] is not None]
+        assert len(last) == WORLD // layout[1], layout  # every rank of the last stage
+        for logits in last:
+            torch.testing.assert_close(torch.from_numpy(logits), hf, rtol=1e-4, atol=1e-4, msg=str(layout))
+
+
 def test_adapter_files_from_tp2_pp2_load_in_the_transformers_engine(runs, tmp_path):
     """LoRA files written by TP=2×PP=2 load into the plain model and give the logits of the single-process run."""
     results, references = runs
     cfg = _cfg(tmp_path, "lora")
-    probe = torch.arange(24).reshape(2, 12) % 250
+    probe = PROBE
     outputs = []
     for folder in (results[0][(2, 2), "lora"]["adapter_dir"], references["lora"]["adapter_dir"]):
         model = build_tiny_llama(cfg.model.tiny)
@@ -139,10 +166,11 @@ def test_adapter_files_from_tp2_pp2_load_in_the_transformers_engine(runs, tmp_pa
 
 def _method_all_reduces(method: str, tp: int, dp: int) -> int:
     """A method's own all-reduces in its busiest step, one coalesced call per process group and round, for all
-    layers at once (so the count does not depend on the model's depth): OD-LoRA's Cholesky-QR2 takes two rounds
+    layers at once (so the count does not depend on the model's depth; FRoD's collective HJD runs once, before
+    the first step): OD-LoRA's Cholesky-QR2 takes two rounds
     of r×r Grams over TP; ScaLoRA's Grams one; FO-LoRA's refit, per task, sums over DP twice and over the TP
     groups of row and of column sites once each; LoCA's location gradients ride in the engine's reduction."""
-    return {"lora": 0, "loca": 0, "odlora": 2 * (tp > 1), "scalora": int(tp > 1),
+    return {"lora": 0, "loca": 0, "frod": 0, "odlora": 2 * (tp > 1), "scalora": int(tp > 1),
             "folora": 2 * (2 * (tp > 1) + 2 * (dp > 1))}[method]
 
 

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dist_peft.integrations.transformers import CANONICAL_TARGETS, inject_adapters
-from dist_peft.methods.base import get_method
+from dist_peft.integrations.transformers import CANONICAL_TARGETS, adapted_sites, inject_adapters
+from dist_peft.methods.base import Controller, StepContext, get_method
 
 ALL = list(CANONICAL_TARGETS)
 
@@ -75,9 +75,9 @@ CONFIGS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "frod": ours("frod", sparse_rate=0.01),
     "peft-frod": lambda model: __import__("peft").get_peft_model(
         model, __import__("peft").FrodConfig(target_modules=ALL, sparse_rate=0.01, progressbar=False)),
-    # OD-LoRA and ScaLoRA do their work in Controller hooks (OD-LoRA: the switch to the OD form after step 1 of a
-    # one-step Phase I, then QR refreshes; ScaLoRA: the transform every I steps). Their timings mean something
-    # only where the step calls controller.before/after_optimizer_step (docs/methods/odlora.md, scalora.md).
+    # OD-LoRA and ScaLoRA do their work in Controller hooks, which every step calls as the Trainer does
+    # (OD-LoRA: the switch to the OD form after step 1 of a one-step Phase I, then QR refreshes; ScaLoRA: the
+    # transform every I steps).
     "odlora": ours("odlora", r=16, lora_alpha=4, init_rounds=1, init_steps=1),
     "scalora": ours("scalora", r=16, lora_alpha=32),
     "scalora-i10": ours("scalora", r=16, lora_alpha=32, interval=10),
@@ -91,6 +91,9 @@ class Runner:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
         self.opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+        adapters = {name: s.adapter for name, s in adapted_sites(self.model).items()}
+        self.controller = next(iter(adapters.values())).controller_cls(adapters) if adapters else Controller({})
+        self.done = 0
         self.ids = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(1))
         self.times: list[float] = []
 
@@ -98,9 +101,13 @@ class Runner:
         start = time.perf_counter()
         loss = self.model(input_ids=self.ids, labels=self.ids).loss
         loss.backward()
-        if self.opt is not None:
+        if self.opt is not None:  # the Trainer's order: hooks around the optimizer step
+            ctx = StepContext(self.done, 1e-4, self.opt)
+            self.controller.before_optimizer_step(ctx)
             self.opt.step()
+            self.controller.after_optimizer_step(ctx)
             self.opt.zero_grad(set_to_none=True)
+        self.done += 1
         return time.perf_counter() - start
 
 

@@ -43,7 +43,7 @@ also makes down_proj's latent dimension the hidden size (576) instead of the int
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -196,20 +196,33 @@ class FrodAdapter(Adapter):
         return {"frod_s": {"lr": self.cfg.s_lr}} if self.cfg.s_lr is not None else {}
 
     @classmethod
-    def prepare(cls, sites: Sequence[Site], cfg: FrodConfig) -> dict[str, dict[str, Any]]:
+    def prepare(cls, sites: Sequence[Site], cfg: FrodConfig, specs: Mapping[str, ShardSpec | None] | None = None,
+                layer_group: Any = None) -> dict[str, dict[str, Any]]:
         """Run or load the HJD of every module type (one cache entry each) and draw its pattern; returns
-        ``{"basis": FrodBasis, "sigma0": σ⁰_i}`` per site name."""
+        ``{"basis": FrodBasis, "sigma0": σ⁰_i}`` per site name. Under TP/PP (``specs``, ``layer_group``: the
+        contract's) the HJD is computed collectively from the local shards (parallel/hjd_cache.py): every rank gets
+        the same bits of the basis (V, V⁻¹, pattern) and, for each layer it holds, the whole σ⁰_i (d values) —
+        what the adapter of any shard takes, since V, Σ and S are replicated over the split (module docstring).
+        All sites of one module type must have the same split."""
         by_type: dict[str, dict[str, Tensor]] = {}
+        type_specs: dict[str, ShardSpec] = {}
         for site in sorted(sites, key=lambda s: (-1 if s.layer_index is None else s.layer_index, s.name)):
-            if tuple(site.weight.shape) != (site.out_features, site.in_features):
-                raise ValueError(f"{site.name}: prepare received a shard {tuple(site.weight.shape)} of the "
-                                 f"{site.out_features} x {site.in_features} weight; the HJD of a split model needs "
-                                 "its process groups (hjd_cache.compute_hjd's shard_group / layer_group), which "
-                                 "Adapter.prepare does not receive yet")
+            spec = (specs or {}).get(site.name) or ShardSpec()
+            shape = [site.out_features, site.in_features]
+            if spec.weight_dim is not None:
+                start, stop = spec.local_range(shape[spec.weight_dim])
+                shape[spec.weight_dim] = stop - start
+            if list(site.weight.shape) != shape:
+                raise ValueError(f"{site.name}: the local weight {tuple(site.weight.shape)} is not the "
+                                 f"{spec.kind.value} shard {tuple(shape)} of the {site.out_features} x "
+                                 f"{site.in_features} weight; pass its ShardSpec in specs")
+            if type_specs.setdefault(site.module_type, spec) != spec:
+                raise ValueError(f"{site.name}: the sites of {site.module_type} have different splits")
             by_type.setdefault(site.module_type, {})[site.name] = site.weight
         sides = {t: "output" if t in cfg.output_side_modules else "input" for t in by_type}
         out: dict[str, dict[str, Any]] = {}
-        for module_type, bases in hjd_bases(by_type, sides, cfg.regularization_alpha, cfg.hjd_cache).items():
+        for module_type, bases in hjd_bases(by_type, sides, cfg.regularization_alpha, cfg.hjd_cache, type_specs,
+                                            layer_group).items():
             first, first_inv = bases.latent_maps()
             rows, cols = off_diagonal_pattern(first.shape[0], cfg.sparse_rate, cfg.projection_prng_key,
                                               f"{module_type}:{bases.side}")

@@ -10,6 +10,7 @@ number of layers.
 
 from __future__ import annotations
 
+import pickle
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -92,3 +93,15 @@ def all_gather_cat(t: Tensor, dim: int, group: Any = None) -> Tensor:
     parts = [torch.empty_like(t) for _ in range(size)]
     dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
+
+
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's picklable ``obj`` in group rank order (small metadata: names, digests). Bytes are counted as
+    the pickled size times the group size."""
+    size = group_size(group)
+    if size == 1:
+        return [obj]
+    TRACE.record("all_gather_object", len(pickle.dumps(obj)) * size)
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, obj, group=group)
+    return out
