@@ -34,17 +34,17 @@ ZERO3 = {"zero_stage": 3, "param_persistence_threshold": 0, "max_live_parameters
 PROBE = torch.arange(2 * 12).reshape(2, 12) % 250
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 METHOD_TRAIN = {**TRAIN, "steps": 6, "grad_accum": 1}
-METHODS = {  # every other registered method: (ZeRO stage, method section, other sections)
-    "odlora": (3, {"r": 4, "init_rounds": 2, "init_steps": 2}, {}),  # SVD events at steps 2 and 4: clear()
+METHODS = {  # every other registered method: (method section, other sections); each runs under ZeRO-1, 2 and 3
+    "odlora": ({"r": 4, "init_rounds": 2, "init_steps": 2}, {}),  # SVD events at steps 2 and 4: clear()
     # forward reads the frozen W. Not v_proj: on the tiny model its FRoD gradients are so small that Adam turns
     # the rounding of any other reduction order into visible updates (the plain 2-rank engine differs from one
     # process by 2e-4 there too).
-    "frod": (3, {"sparse_rate": 0.05, "s_lr": 0.005, "target_modules": ["q_proj", "o_proj", "down_proj"]}, {}),
-    "folora": (3, {"r": 4, "num_tasks": 2, "calibration_batches": 2, "refit_every": 3},
+    "frod": ({"sparse_rate": 0.05, "s_lr": 0.005, "target_modules": ["q_proj", "o_proj", "down_proj"]}, {}),
+    "folora": ({"r": 4, "num_tasks": 2, "calibration_batches": 2, "refit_every": 3},
                {"data": {"source": None, "tasks": [{"name": "a", "source": "synthetic", "seed": 1},
                                                    {"name": "b", "source": "synthetic", "seed": 2}]}}),
-    "scalora": (2, {"r": 4, "interval": 1, "lipschitz": 10.0}, {}),  # grads, weights, moments, frozen W
-    "loca": (2, {"n_frequency": 64, "coef_steps": 2, "loc_steps": 3, "alternate_until": 10, "loc_lr": 0.01}, {}),
+    "scalora": ({"r": 4, "interval": 1, "lipschitz": 10.0}, {}),  # grads, weights, moments, frozen W
+    "loca": ({"n_frequency": 64, "coef_steps": 2, "loc_steps": 3, "alternate_until": 10, "loc_lr": 0.01}, {}),
 }
 """Sized to reach each method's controller work within 6 steps; loca alternates tensors without gradient and
 has two optimizer groups (the ZeRO-1/2 state linking), folora records activation gradients in hooks."""
@@ -78,11 +78,15 @@ class _Rescaler(Controller):
             a.lora_A.mul_(0.9)
 
 
-def _method_cfg(root, world, name, deepspeed=None):
-    stage, options, sections = METHODS[name]
+STAGES = (1, 2, 3)
+
+
+def _method_cfg(root, world, name, stage=None):
+    """The method's run on `world` ranks under ZeRO `stage` (None: the plain engine)."""
+    options, sections = METHODS[name]
     method = {"name": name, "target_modules": TARGETS, **options}  # options may name other targets
-    zero = None if deepspeed is None else ZERO3 if stage == 3 else {"zero_stage": stage}
-    raw = _cfg(f"{root}/{name}-{world}", world, zero, train=METHOD_TRAIN, **sections).to_dict()
+    zero = None if stage is None else ZERO3 if stage == 3 else {"zero_stage": stage}
+    raw = _cfg(f"{root}/{name}-{world}-z{stage}", world, zero, train=METHOD_TRAIN, **sections).to_dict()
     return from_dict({**raw, "method": method})  # the whole section: tiny_config would merge LoRA's keys in
 
 
@@ -151,12 +155,13 @@ def _zero_runs(root: str) -> dict:
     resumed.run()
     out["resumed"] = _record(resumed)
     for name in METHODS:  # a method failing here is reported by its own assertion, not by the whole group
-        try:
-            t = Trainer(_method_cfg(root, WORLD, name, deepspeed=True), echo=lambda m: None)
-            t.run()
-            out[name] = _record(t)
-        except Exception as e:  # noqa: BLE001 — handed to the test
-            out[name] = f"{type(e).__name__}: {e}"
+        for stage in STAGES:
+            try:
+                t = Trainer(_method_cfg(root, WORLD, name, stage), echo=lambda m: None)
+                t.run()
+                out[name, stage] = _record(t)
+            except Exception as e:  # noqa: BLE001 — handed to the test
+                out[name, stage] = f"{type(e).__name__}: {e}"
     # Results go through a file: a large result in the harness's queue would block the worker's exit.
     with open(f"{root}/result_{collectives.group_rank()}.pkl", "wb") as f:
         pickle.dump(out, f)
@@ -171,15 +176,16 @@ def zero_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_other_method_under_zero_matches_the_single_process_run(zero_runs, tmp_path, name):
-    """Each registered method runs unchanged under ZeRO (stage in METHODS) on 2 ranks with the losses and
+    """Each registered method runs unchanged under ZeRO-1, ZeRO-2 and ZeRO-3 on 2 ranks with the losses and
     adapter weights of its single-process run: its controller's reads and writes of gradients, weights, Adam
     moments (optimizer-state interface) and frozen weights (ctx.gathered) reach DeepSpeed's partitions."""
     _, results = zero_runs
-    got = results[0][name]
-    assert not isinstance(got, str), got
     t = Trainer(_method_cfg(tmp_path, 1, name), echo=lambda m: None)
     t.run()
-    _assert_same_run(got, _record(t), rtol=2e-5, atol=2e-5)
+    for stage in STAGES:
+        got = results[0][name, stage]
+        assert not isinstance(got, str), (stage, got)
+        _assert_same_run(got, _record(t), rtol=2e-5, atol=2e-5)
 
 
 def _single(tmp_path, name, controller=None, **kw):
