@@ -20,7 +20,13 @@ from dist_peft.train.loop import Trainer
 from dist_peft.train.models import build_tiny_llama
 
 WORLD, GLOBAL_MICRO = 4, 4
-LAYOUTS = [(2, 2), (2, 1), (1, 2)]  # (tensor, pipeline); data parallel = WORLD / (tensor · pipeline)
+LAYOUTS = [(2, 2, 1), (2, 1, 1), (1, 2, 1), (1, 2, 2)]
+"""(tensor, pipeline, virtual pipeline); data parallel = WORLD / (tensor · pipeline). The interleaved layout runs
+a 4-layer model (2 stages × 2 chunks of one layer), the others the 2-layer one."""
+
+
+def _layers(layout) -> int:
+    return 4 if layout and layout[2] > 1 else 2
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAIN = {"steps": 3, "micro_batch_size": GLOBAL_MICRO, "grad_accum": 2, "threads": 1}
 METHODS = {  # method section, other sections: sized so that each method's controller work happens in 3 steps
@@ -44,15 +50,17 @@ them to lr-sized steps, so the rounding of another reduction order shows up to ~
 tests/test_deepspeed.py); losses still agree to 2e-5 and a wrong reduction moves entries by O(lr)."""
 
 
-def _cfg(run_dir, method: str, layout=None):
+def _cfg(run_dir, method: str, layout=None, layers: int = 2):
+    """The method's run under ``layout`` (None: one process) on the tiny model with ``layers`` layers."""
     section, other = METHODS[method]
     dp = WORLD // (layout[0] * layout[1]) if layout else 1
     if method == "frod":  # the HJD cache of this run, not the user's
         section = {**section, "hjd_cache": f"{run_dir}/hjd"}
     raw = {**tiny_config(run_dir, train={**TRAIN, "micro_batch_size": GLOBAL_MICRO // dp}, **other).to_dict(),
            "method": {"name": method, **section}}
+    raw["model"]["tiny"]["num_hidden_layers"] = layers
     if layout is not None:
-        raw["parallel"] = {"tensor": layout[0], "pipeline": layout[1]}
+        raw["parallel"] = {"tensor": layout[0], "pipeline": layout[1], "virtual_pipeline": layout[2]}
     return from_dict(raw)
 
 
@@ -79,7 +87,14 @@ def _run(cfg) -> dict:
     trainer.train_step = traced
     summary = trainer.run()
     return {"history": trainer.history, "traces": traces, "adapter_dir": summary["adapter_dir"],
-            "logits": None if logits is None else logits.numpy()}
+            "logits": None if logits is None else logits.numpy(),
+            "schedule": None if trainer.mg is None else (len(trainer.mg.chunks), _schedule_name())}
+
+
+def _schedule_name() -> str:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func().__name__
 
 
 def _all_layouts(run_dir: str) -> dict:
@@ -88,7 +103,8 @@ def _all_layouts(run_dir: str) -> dict:
     out = {}
     for layout in LAYOUTS:
         for method in METHODS:
-            out[layout, method] = _run(_cfg(f"{run_dir}/{method}-tp{layout[0]}pp{layout[1]}", method, layout))
+            name = "{}-tp{}pp{}vp{}".format(method, *layout)
+            out[layout, method] = _run(_cfg(f"{run_dir}/{name}", method, layout, _layers(layout)))
             ps.destroy_model_parallel()
     return out
 
@@ -107,7 +123,7 @@ def _per_step_all_reduces(tp: int, pp: int) -> int:
 def runs(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("megatron")
     results = run_dist(_all_layouts, WORLD, run_dir=str(run_dir))
-    references = {m: _run(_cfg(run_dir / f"{m}-ref", m)) for m in METHODS}
+    references = {(m, n): _run(_cfg(run_dir / f"{m}-ref{n}", m, layers=n)) for m in METHODS for n in (2, 4)}
     return results, references
 
 
@@ -118,9 +134,9 @@ def test_every_layout_matches_the_single_process_engine(runs, method):
     from safetensors.torch import load_file
 
     results, references = runs
-    ref = references[method]
-    ref_files = load_file(f"{ref['adapter_dir']}/adapter_model.safetensors")
     for layout in LAYOUTS:
+        ref = references[method, _layers(layout)]
+        ref_files = load_file(f"{ref['adapter_dir']}/adapter_model.safetensors")
         for rank in range(WORLD):
             got = results[rank][layout, method]
             assert len(got["history"]) == len(ref["history"])
@@ -137,11 +153,14 @@ def test_every_layout_matches_the_single_process_engine(runs, method):
 
 def test_megatron_logits_equal_the_hf_models(runs, tmp_path):
     """The GPTModel built from the HF folder (slices read per rank) gives the HF model's logits at TP=2×PP=2,
-    TP=2 and TP=1×PP=2."""
+    TP=2, TP=1×PP=2 and PP=2 with 2 interleaved chunks per stage."""
     results, _ = runs
-    with torch.no_grad():
-        hf = build_tiny_llama(_cfg(tmp_path, "lora").model.tiny)(input_ids=PROBE).logits
     for layout in LAYOUTS:
+        with torch.no_grad():
+            hf = build_tiny_llama(_cfg(tmp_path, "lora", layers=_layers(layout)).model.tiny)(input_ids=PROBE).logits
+        schedule = {1: "forward_backward_no_pipelining"} if layout[1] == 1 else \
+            {1: "forward_backward_pipelining_without_interleaving", 2: "forward_backward_pipelining_with_interleaving"}
+        assert results[0][layout, "lora"]["schedule"] == (layout[2], schedule[layout[2]]), layout
         last = [r[layout, "lora"]["logits"] for r in results.values() if r[layout, "lora"]["logits"] is not None]
         assert len(last) == WORLD // layout[1], layout  # every rank of the last stage
         for logits in last:
@@ -154,7 +173,7 @@ def test_adapter_files_from_tp2_pp2_load_in_the_transformers_engine(runs, tmp_pa
     cfg = _cfg(tmp_path, "lora")
     probe = PROBE
     outputs = []
-    for folder in (results[0][(2, 2), "lora"]["adapter_dir"], references["lora"]["adapter_dir"]):
+    for folder in (results[0][(2, 2, 1), "lora"]["adapter_dir"], references["lora", 2]["adapter_dir"]):
         model = build_tiny_llama(cfg.model.tiny)
         load_adapter(model, folder)
         with torch.no_grad():
@@ -178,16 +197,23 @@ def test_an_adapter_adds_no_per_token_collective(runs):
     """All-reduces per step on rank 0: LoRA's are exactly the frozen model's per-token ones plus the step's
     scalars and coalesced gradient sums; every other method adds only its per-step coalesced calls."""
     results, _ = runs
-    for tp, pp in LAYOUTS:
+    for tp, pp, vp in LAYOUTS:
         base = _per_step_all_reduces(tp, pp)
         for method in METHODS:
-            traces = results[0][(tp, pp), method]["traces"]
+            traces = results[0][(tp, pp, vp), method]["traces"]
             assert all(set(t["calls"]) == {"all_reduce"} for t in traces), traces
             extra = [t["calls"]["all_reduce"] - base for t in traces]
             assert min(extra) >= 0 and max(extra) == _method_all_reduces(method, tp, WORLD // (tp * pp)), \
-                ((tp, pp), method, extra)
+                ((tp, pp, vp), method, extra)
 
 
-def test_a_layout_that_does_not_divide_the_world_is_refused_before_any_collective(tmp_path):
+def test_bad_layouts_are_refused_before_any_collective(tmp_path):
+    """A world that tensor × pipeline does not divide, chunks without a pipeline, and an accumulation that the
+    interleaved schedule cannot group are one ConfigError each, raised from the config alone."""
     with pytest.raises(ConfigError, match="parallel: tensor × pipeline = 4"):
-        check_world_size(_cfg(tmp_path, "lora", (2, 2)), 6)
+        check_world_size(_cfg(tmp_path, "lora", (2, 2, 1)), 6)
+    raw = _cfg(tmp_path, "lora", (1, 2, 2), layers=4).to_dict()
+    with pytest.raises(ConfigError, match="train.grad_accum: the interleaved schedule"):
+        from_dict({**raw, "train": {**raw["train"], "grad_accum": 3}})
+    with pytest.raises(ConfigError, match="parallel.virtual_pipeline: 2 chunks per stage need pipeline > 1"):
+        from_dict({**raw, "parallel": {"virtual_pipeline": 2}})

@@ -58,12 +58,12 @@ class Layout:
         return ShardSpec(kind, self.tp_rank, self.tp_size, self.tp_group) if self.tp_size > 1 else ShardSpec()
 
 
-def check_layout(hf_config: Any, tp: int, pp: int) -> None:
-    """Clear errors for a model that the requested TP/PP sizes cannot split, before any group exists."""
+def check_layout(hf_config: Any, tp: int, pp: int, vp: int = 1) -> None:
+    """Clear errors for a model that the requested TP/PP/VP sizes cannot split."""
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
     problems = [f"num_key_value_heads {groups} % tensor {tp}" if groups % tp else "",
-                f"num_hidden_layers {hf_config.num_hidden_layers} % pipeline {pp}"
-                if hf_config.num_hidden_layers % pp else "",
+                f"num_hidden_layers {hf_config.num_hidden_layers} % (pipeline {pp} × virtual_pipeline {vp})"
+                if hf_config.num_hidden_layers % (pp * vp) else "",
                 f"intermediate_size {hf_config.intermediate_size} % tensor {tp}" if hf_config.intermediate_size % tp else "",
                 f"vocab_size {hf_config.vocab_size} % tensor {tp}" if hf_config.vocab_size % tp else "",
                 f"num_attention_heads {heads} % num_key_value_heads {groups}" if heads % groups else "",
@@ -71,10 +71,11 @@ def check_layout(hf_config: Any, tp: int, pp: int) -> None:
                 if _rope(hf_config)[1] != "default" else ""]
     problems = [p for p in problems if p]
     if problems:
-        raise ValueError(f"parallel: this model cannot be split as tensor={tp}, pipeline={pp}: {'; '.join(problems)}")
+        raise ValueError(f"parallel: this model cannot be split as tensor={tp}, pipeline={pp}, virtual_pipeline={vp}: "
+                         f"{'; '.join(problems)}")
 
 
-def transformer_config(hf: Any, tp: int, pp: int, dtype: torch.dtype) -> Any:
+def transformer_config(hf: Any, tp: int, pp: int, dtype: torch.dtype, vp: int = 1) -> Any:
     """megatron ``TransformerConfig`` of a Llama / Mistral / Qwen2-shaped HF config."""
     from megatron.core.transformer import TransformerConfig
 
@@ -87,6 +88,7 @@ def transformer_config(hf: Any, tp: int, pp: int, dtype: torch.dtype) -> Any:
         activation_func=F.silu, add_bias_linear=False, add_qkv_bias=_qkv_bias(hf),
         hidden_dropout=0.0, attention_dropout=getattr(hf, "attention_dropout", 0.0),
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype, pipeline_dtype=dtype,
+        virtual_pipeline_model_parallel_size=vp if vp > 1 else None,
         bf16=dtype == torch.bfloat16, use_cpu_initialization=True, perform_initialization=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, calculate_per_token_loss=True,
@@ -235,8 +237,9 @@ def _load_replicated(model: nn.Module, ckpt: HFCheckpoint, layout: Layout, hf: A
             p.copy_(value.to(dtype))
 
 
-def build_model(hf_folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, list]:
-    """This stage's GPTModel with HF weights, frozen; returns (model, hf_config, [(site, canonical name)])."""
+def build_model(hf_folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[list[nn.Module], Any, list]:
+    """This stage's GPTModel chunks (one without a virtual pipeline) with HF weights, frozen; returns (chunks,
+    hf_config, [(site, canonical name)])."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -247,21 +250,25 @@ def build_model(hf_folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
     megatron_cpu.apply()
     hf = AutoConfig.from_pretrained(hf_folder)
     layout = Layout.current()
-    check_layout(hf, layout.tp_size, layout.pp_size)
+    vp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+    check_layout(hf, layout.tp_size, layout.pp_size, vp)
     ckpt = HFCheckpoint(hf_folder)
-    model = GPTModel(transformer_config(hf, layout.tp_size, layout.pp_size, dtype),
-                     get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=hf.vocab_size,
-                     max_sequence_length=hf.max_position_embeddings, pre_process=ps.is_pipeline_first_stage(),
-                     post_process=ps.is_pipeline_last_stage(),
-                     share_embeddings_and_output_weights=hf.tie_word_embeddings,
-                     position_embedding_type="rope", rotary_base=_rope(hf)[0])
+    config = transformer_config(hf, layout.tp_size, layout.pp_size, dtype, vp)
     groups_local = hf.num_key_value_heads // layout.tp_size
-    sites = []
-    for layer in model.decoder.layers:
-        sites += _replace_sites(layer, layer.layer_number - 1, ckpt, layout, dtype, groups_local)
-    _load_replicated(model, ckpt, layout, hf, dtype)
-    model.requires_grad_(False)
-    return model, hf, sites
+    chunks, sites = [], []
+    for stage in range(vp):  # interleaved: this rank's chunks stage, stage + pp, … of pp × vp
+        where = {"ignore_virtual": False, "vp_stage": stage} if vp > 1 else {}
+        model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=hf.vocab_size,
+                         max_sequence_length=hf.max_position_embeddings,
+                         pre_process=ps.is_pipeline_first_stage(**where), post_process=ps.is_pipeline_last_stage(**where),
+                         share_embeddings_and_output_weights=hf.tie_word_embeddings,
+                         position_embedding_type="rope", rotary_base=_rope(hf)[0],
+                         **({"vp_stage": stage} if vp > 1 else {}))
+        for layer in model.decoder.layers:
+            sites += _replace_sites(layer, layer.layer_number - 1, ckpt, layout, dtype, groups_local)
+        _load_replicated(model, ckpt, layout, hf, dtype)
+        chunks.append(model.requires_grad_(False))
+    return chunks, hf, sites
 
 
 def attach_adapters(sites: list[tuple[CanonicalSite, str]], method: str, cfg: Any, targets: Iterable[str],

@@ -71,15 +71,19 @@ class MegatronEngine:
 
         megatron_cpu.apply()
         ensure_process_group()
+        p = cfg.parallel
         if not ps.model_parallel_is_initialized():
-            ps.initialize_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline,
+            ps.initialize_model_parallel(p.tensor, p.pipeline, p.virtual_pipeline if p.virtual_pipeline > 1 else None,
                                          distributed_timeout_minutes=GROUP_TIMEOUT_MINUTES)
         model_parallel_cuda_manual_seed(cfg.train.seed)
         self.cfg = cfg
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-        self.model, self.hf, sites = build_model(hf_folder, dtype)
-        if torch.cuda.is_available():
-            self.model.cuda(torch.cuda.current_device())
+        self.chunks, self.hf, sites = build_model(hf_folder, dtype)
+        for chunk in self.chunks if torch.cuda.is_available() else ():
+            chunk.cuda(torch.cuda.current_device())
+        self.min_microbatches = p.pipeline if len(self.chunks) > 1 else 1
+        """The interleaved schedule runs micro-batches in groups of pipeline size: shorter runs (eval, logits,
+        calibration) are padded with copies whose loss mask is zero."""
         m = cfg.method
         self.sites: dict[str, AdaptedLinear] = attach_adapters(sites, m.name, m.options, m.target_modules,
                                                                cfg.train.seed)
@@ -132,11 +136,15 @@ class MegatronEngine:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         b, s = batches[0]["tokens"].shape
+        pad = {**batches[-1], "loss_mask": torch.zeros_like(batches[-1]["loss_mask"])}
+        batches = batches + [pad] * (self.min_microbatches - len(batches))
         self._mode, self._controller = mode, controller or Controller({})
-        self.model.train(mode not in FORWARD_ONLY)
+        for chunk in self.chunks:
+            chunk.train(mode not in FORWARD_ONLY)
+        data = [iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches)
         with torch.no_grad() if mode in FORWARD_ONLY else contextlib.nullcontext():
             return get_forward_backward_func()(
-                forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
+                forward_step_func=self._forward_step, data_iterator=data, model=self.chunks,
                 num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=mode in FORWARD_ONLY)
 
     def _stage_sum(self, values: list[float]) -> Tensor:
@@ -158,7 +166,7 @@ class MegatronEngine:
     def eval_sums(self, batch: dict[str, Tensor], controller: Controller) -> tuple[float, float]:
         """(CE sum, correct next-token predictions) of one batch, on every rank of the replica."""
         out = self._run([batch], "eval", controller)
-        sums = self._stage_sum([float(out[0]["loss_sum"]), float(out[0]["correct"])] if out else [0.0, 0.0])
+        sums = self._stage_sum([sum(float(o["loss_sum"]) for o in out), sum(float(o["correct"]) for o in out)])
         return float(sums[0]), float(sums[1])
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, controller: Controller, ctx: StepContext,

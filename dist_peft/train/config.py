@@ -247,9 +247,15 @@ class ParallelConfig:
     pipeline: int = 1
     """Pipeline stages: the decoder layers are split evenly over them (it must divide the layer count);
     ``train.grad_accum`` micro-batches go through megatron-core's 1F1B schedule per step."""
+    virtual_pipeline: int = 1
+    """Model chunks per pipeline stage (megatron's interleaved 1F1B schedule, a smaller pipeline bubble): the
+    layers are split into pipeline × virtual_pipeline chunks, stage p holding chunks p, p + pipeline, …; needs
+    pipeline > 1 and ``train.grad_accum`` a multiple of pipeline."""
 
     def __post_init__(self) -> None:
-        _positive(self, "tensor", "pipeline")
+        _positive(self, "tensor", "pipeline", "virtual_pipeline")
+        if self.virtual_pipeline > 1 and self.pipeline == 1:
+            raise ValueError(f"virtual_pipeline: {self.virtual_pipeline} chunks per stage need pipeline > 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,6 +286,11 @@ class RunConfig:
             if self.deepspeed is not None:
                 raise ValueError("parallel: the megatron-core engine does not run under DeepSpeed ZeRO; leave out "
                                  "one of the parallel and deepspeed sections")
+            p = self.parallel
+            if p.virtual_pipeline > 1 and self.train.grad_accum % p.pipeline:
+                raise ValueError(f"train.grad_accum: the interleaved schedule (parallel.virtual_pipeline "
+                                 f"{p.virtual_pipeline}) runs micro-batches in groups of parallel.pipeline = "
+                                 f"{p.pipeline}; got {self.train.grad_accum}, not a multiple")
             if self.model.task != "causal_lm" or self.model.trainable_modules:
                 raise ValueError("parallel: the megatron-core engine trains causal-LM adapters only (model.task "
                                  "causal_lm, no model.trainable_modules)")
