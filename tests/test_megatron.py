@@ -7,6 +7,7 @@ Launch: pytest tests/test_megatron.py (spawns 4 local processes; the megatron CP
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from distributed import run_dist
 from dist_peft.integrations.transformers import load_adapter
 from dist_peft.parallel import collectives
 from dist_peft.train.config import ConfigError, check_world_size, from_dict
+from dist_peft.train.checkpoint import checkpoint_dir
+from dist_peft.train.export import export
 from dist_peft.train.loop import Trainer
 from dist_peft.train.models import build_tiny_llama
 
@@ -65,6 +68,7 @@ def _cfg(run_dir, method: str, layout=None, layers: int = 2):
 
 
 PROBE = torch.arange(24).reshape(2, 12) % 250
+EXPORTED = ["lora", "scalora"]
 
 
 def _run(cfg) -> dict:
@@ -87,6 +91,7 @@ def _run(cfg) -> dict:
     trainer.train_step = traced
     summary = trainer.run()
     return {"history": trainer.history, "traces": traces, "adapter_dir": summary["adapter_dir"],
+            "checkpoint": summary["checkpoint"],
             "logits": None if logits is None else logits.numpy(),
             "schedule": None if trainer.mg is None else (len(trainer.mg.chunks), _schedule_name())}
 
@@ -105,6 +110,8 @@ def _all_layouts(run_dir: str) -> dict:
         for method in METHODS:
             name = "{}-tp{}pp{}vp{}".format(method, *layout)
             out[layout, method] = _run(_cfg(f"{run_dir}/{name}", method, layout, _layers(layout)))
+            if layout == (2, 2, 1) and method in EXPORTED:  # the merged model, from the checkpoint's 4 parts
+                export(checkpoint_dir(Path(run_dir, name), TRAIN["steps"]), f"{run_dir}/{name}-merged", merged=True)
             ps.destroy_model_parallel()
     return out
 
@@ -165,6 +172,25 @@ def test_megatron_logits_equal_the_hf_models(runs, tmp_path):
         assert len(last) == WORLD // layout[1], layout  # every rank of the last stage
         for logits in last:
             torch.testing.assert_close(torch.from_numpy(logits), hf, rtol=1e-4, atol=1e-4, msg=str(layout))
+
+
+@pytest.mark.parametrize("method", EXPORTED)
+def test_merged_export_of_a_tp2_pp2_checkpoint_is_the_single_process_one(runs, method):
+    """`dist-peft export --merged` of a TP2×PP2 checkpoint (launched on its 4 ranks) writes a sharded HF folder
+    whose logits equal the single-process checkpoint's merged export (ScaLoRA: its merged W shards included)."""
+    from transformers import AutoModelForCausalLM
+
+    results, references = runs
+    mine = Path(results[0][(2, 2, 1), method]["adapter_dir"]).parent.with_name(
+        Path(results[0][(2, 2, 1), method]["adapter_dir"]).parent.name + "-merged")
+    theirs = export(references[method, 2]["checkpoint"], Path(references[method, 2]["adapter_dir"]).parent / "merged",
+                    merged=True)
+    logits = []
+    for folder in (mine, theirs):
+        with torch.no_grad():
+            logits.append(AutoModelForCausalLM.from_pretrained(folder)(input_ids=PROBE).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    assert len(list(mine.glob("model-*-of-00002.safetensors"))) == 2
 
 
 def test_adapter_files_from_tp2_pp2_load_in_the_transformers_engine(runs, tmp_path):

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from dist_peft.integrations.transformers import AdaptedLinear, site_seed
 from dist_peft.methods.base import Site, get_method
+from dist_peft.parallel import collectives
 from dist_peft.parallel.regions import copy_to_region, reduce_from_region
 from dist_peft.parallel.shard import ShardKind, ShardSpec
 
@@ -213,25 +214,29 @@ def _replace_sites(layer: nn.Module, g: int, ckpt: HFCheckpoint, layout: Layout,
     return made
 
 
+def _replicated_sources(model: nn.Module, head: str) -> dict[str, tuple[str, int | None]]:
+    """{megatron parameter of this chunk outside the CanonicalSites: (HF key, vocab-split dim or None)}; the output
+    layer reads ``head`` (lm_head, or the embedding when tied)."""
+    sources = {"embedding.word_embeddings.weight": ("model.embed_tokens.weight", 0),
+               "decoder.final_layernorm.weight": ("model.norm.weight", None), "output_layer.weight": (head, 0)}
+    for i, layer in enumerate(model.decoder.layers):
+        g = layer.layer_number - 1  # global layer index (1-based in megatron)
+        sources[f"decoder.layers.{i}.input_layernorm.weight"] = (f"model.layers.{g}.input_layernorm.weight", None)
+        sources[f"decoder.layers.{i}.pre_mlp_layernorm.weight"] = (f"model.layers.{g}.post_attention_layernorm.weight",
+                                                                   None)
+    in_sites = {id(p) for m in model.modules() if isinstance(m, CanonicalSite) for p in m.parameters()}
+    return {name: sources[name] for name, p in model.named_parameters() if id(p) not in in_sites}
+
+
 def _load_replicated(model: nn.Module, ckpt: HFCheckpoint, layout: Layout, hf: Any, dtype: torch.dtype) -> None:
     """Embedding (vocab rows of this TP rank), norms and output layer of this stage, from the HF names."""
     vocab = layout.spec(ShardKind.COLUMN).local_range(hf.vocab_size)
     head = "model.embed_tokens.weight" if hf.tie_word_embeddings or "lm_head.weight" not in ckpt.files else "lm_head.weight"
-    sources = {"embedding.word_embeddings.weight": ("model.embed_tokens.weight", 0, vocab),
-               "decoder.final_layernorm.weight": ("model.norm.weight", None, None),
-               "output_layer.weight": (head, 0, vocab)}
-    for i, layer in enumerate(model.decoder.layers):
-        g = layer.layer_number - 1  # global layer index (1-based in megatron)
-        sources[f"decoder.layers.{i}.input_layernorm.weight"] = (f"model.layers.{g}.input_layernorm.weight", None, None)
-        sources[f"decoder.layers.{i}.pre_mlp_layernorm.weight"] = (
-            f"model.layers.{g}.post_attention_layernorm.weight", None, None)
-    in_sites = {id(p) for m in model.modules() if isinstance(m, CanonicalSite) for p in m.parameters()}
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if id(p) in in_sites:
-                continue
-            key, dim, part = sources[name]
-            value = ckpt.read(key, dim, part)
+        for name, (key, dim) in _replicated_sources(model, head).items():
+            p = params[name]
+            value = ckpt.read(key, dim, vocab if dim is not None else None)
             if value.shape != p.shape:
                 raise ValueError(f"{key}: shape {tuple(value.shape)} does not fit {name} {tuple(p.shape)}")
             p.copy_(value.to(dtype))
@@ -269,6 +274,28 @@ def build_model(hf_folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
         _load_replicated(model, ckpt, layout, hf, dtype)
         chunks.append(model.requires_grad_(False))
     return chunks, hf, sites
+
+
+@torch.no_grad()
+def hf_state(chunks: list[nn.Module], sites: list[tuple[CanonicalSite, str]], hf: Any, layout: Layout) -> dict[str, Tensor]:
+    """This stage's weights under their HF names, whole (TP shards gathered: a collective over the TP group), as
+    the base layers hold them (merge adapters first for a merged model); a tied output layer is left out."""
+    out = {}
+    for site, name in sites:
+        part = site.parts[name.rpartition(".")[2]]
+        base = part.base_layer if isinstance(part, AdaptedLinear) else part
+        dim = 0 if site.kind is ShardKind.COLUMN else 1
+        out[f"{name}.weight"] = collectives.all_gather_cat(base.weight.detach(), dim, layout.tp_group)
+        if base.bias is not None:
+            out[f"{name}.bias"] = collectives.all_gather_cat(base.bias.detach(), 0, layout.tp_group)
+    for chunk in chunks:
+        params = dict(chunk.named_parameters())
+        for name, (key, dim) in _replicated_sources(chunk, "lm_head.weight").items():
+            if key == "lm_head.weight" and hf.tie_word_embeddings:
+                continue
+            t = params[name].detach()
+            out[key] = t if dim is None else collectives.all_gather_cat(t, dim, layout.tp_group)
+    return {k: v.cpu().contiguous() for k, v in out.items()}
 
 
 def attach_adapters(sites: list[tuple[CanonicalSite, str]], method: str, cfg: Any, targets: Iterable[str],

@@ -17,14 +17,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from dist_peft.integrations.megatron import Layout, attach_adapters, build_model
-from dist_peft.integrations.transformers import AdaptedLinear
+from dist_peft.files import atomic_dir, save_tensors, write_json
+from dist_peft.integrations.megatron import Layout, attach_adapters, build_model, hf_state
+from dist_peft.integrations.transformers import AdaptedLinear, set_merged
 from dist_peft.methods.base import Controller, ParamLayout, StepContext
 from dist_peft.parallel import collectives
 from dist_peft.parallel.runtime import ensure_process_group
@@ -78,14 +80,14 @@ class MegatronEngine:
         model_parallel_cuda_manual_seed(cfg.train.seed)
         self.cfg = cfg
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-        self.chunks, self.hf, sites = build_model(hf_folder, dtype)
+        self.chunks, self.hf, self.canonical = build_model(hf_folder, dtype)
         for chunk in self.chunks if torch.cuda.is_available() else ():
             chunk.cuda(torch.cuda.current_device())
         self.min_microbatches = p.pipeline if len(self.chunks) > 1 else 1
         """The interleaved schedule runs micro-batches in groups of pipeline size: shorter runs (eval, logits,
         calibration) are padded with copies whose loss mask is zero."""
         m = cfg.method
-        self.sites: dict[str, AdaptedLinear] = attach_adapters(sites, m.name, m.options, m.target_modules,
+        self.sites: dict[str, AdaptedLinear] = attach_adapters(self.canonical, m.name, m.options, m.target_modules,
                                                                cfg.train.seed)
         self.layout = Layout.current()
         self.dp_group, self.mp_group = ps.get_data_parallel_group(), ps.get_model_parallel_group()
@@ -228,6 +230,43 @@ class MegatronEngine:
         parts: list = [None] * self.layout.pp_size
         dist.all_gather_object(parts, local, group=self.pp_group)
         return {k: v for part in parts for k, v in part.items()}
+
+    def export_hf(self, out_dir: str | Path, tokenizer: Any, is_main: bool) -> Path:
+        """The trained model as a merged Hugging Face folder (a collective): every rank merges its adapters into
+        its weight shards, TP shards are gathered, the first rank of each pipeline stage writes that stage's
+        safetensors file, and rank 0 adds the index, config and tokenizer and moves it all into ``out_dir`` at
+        once. The adapters are unmerged again afterwards."""
+        import torch.distributed as dist
+
+        out_dir = Path(out_dir)
+        staging = out_dir.parent / f".{out_dir.name}.parts"
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        for chunk in self.chunks:
+            set_merged(chunk, True)
+        try:
+            state = hf_state(self.chunks, self.canonical, self.hf, self.layout)
+        finally:
+            for chunk in self.chunks:
+                set_merged(chunk, False)
+        stages = collectives.all_gather_object((sorted(state), sum(t.nbytes for t in state.values())), self.pp_group)
+        files = [f"model-{p + 1:05d}-of-{len(stages):05d}.safetensors" for p in range(len(stages))]
+        dist.barrier()  # the staging folder exists
+        if self.layout.tp_rank == 0 and self.data_rank == 0:
+            save_tensors(staging / files[self.layout.pp_rank], state, metadata={"format": "pt"})
+        dist.barrier()  # every stage's file is written
+        if is_main:
+            index = {"metadata": {"total_size": sum(size for _, size in stages)},
+                     "weight_map": {k: files[p] for p, (keys, _) in enumerate(stages) for k in keys}}
+            with atomic_dir(out_dir) as tmp:
+                for f in staging.iterdir():
+                    f.rename(tmp / f.name)
+                write_json(tmp / "model.safetensors.index.json", index)
+                self.hf.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            staging.rmdir()
+        return out_dir
 
     def logits(self, batch: dict[str, Tensor]) -> Tensor | None:
         """Full-vocabulary logits [b, s, V] of one batch on the last stage (None elsewhere)."""

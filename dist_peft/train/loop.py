@@ -296,6 +296,22 @@ class Trainer:
         ckpt.prune(self.run_dir, self.cfg.train.keep_checkpoints)
         return path
 
+    def save_adapter(self, adapter_dir: Path) -> Path:
+        """Write the adapter files (HF PEFT layout) from rank 0; every rank must call it: under DeepSpeed and
+        megatron-core the whole tensors are gathered first."""
+        if self.mg is not None:  # whole tensors gathered over TP and PP, in the transformers engine's files
+            state = self.mg.full_adapter_state()
+            if self.rt.is_main:
+                first = next(iter(self.mg.adapters.values()))
+                write_adapter_files(adapter_dir, state, first, sorted(self.cfg.method.target_modules), [],
+                                    base_model=self.cfg.model.source)
+            return adapter_dir
+        with contextlib.nullcontext() if self.ds is None else self.ds.gathered_params():
+            if self.rt.is_main:
+                task = "SEQ_CLS" if self.cfg.model.task == "classification" else "CAUSAL_LM"
+                save_adapter(self.model, adapter_dir, base_model=self.cfg.model.source, task_type=task)
+        return adapter_dir
+
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.rt.is_main:
@@ -329,17 +345,7 @@ class Trainer:
         bar.close()
         after = self.evaluate()
         self._log({"step": self.step, **after})
-        adapter_dir = self.run_dir / "adapter"
-        if self.mg is not None:  # whole tensors gathered over TP and PP, in the transformers engine's files
-            state = self.mg.full_adapter_state()
-            if self.rt.is_main:
-                first = next(iter(self.mg.adapters.values()))
-                write_adapter_files(adapter_dir, state, first, sorted(self.cfg.method.target_modules), [],
-                                    base_model=self.cfg.model.source)
-        with contextlib.nullcontext() if self.ds is None else self.ds.gathered_params():
-            if self.rt.is_main and self.mg is None:
-                task = "SEQ_CLS" if self.cfg.model.task == "classification" else "CAUSAL_LM"
-                save_adapter(self.model, adapter_dir, base_model=self.cfg.model.source, task_type=task)
+        adapter_dir = self.save_adapter(self.run_dir / "adapter")
         summary = {"eval_before": before, "eval_after": after, "tokens_per_s": tokens / seconds if seconds else None,
                    "threads": torch.get_num_threads(), "adapter_dir": str(adapter_dir),
                    "checkpoint": str(ckpt_path) if ckpt_path else None, "steps": self.step}
