@@ -5,7 +5,8 @@ much a method communicates per step instead of guessing. A group of one rank (or
 is the identity and records nothing: single-process code pays nothing.
 
 Reductions of many small tensors go through ``all_reduce_coalesced``: one flat buffer, one call, whatever the
-number of layers.
+number of layers. Host tensors (step counts, norms) work under nccl too: they are staged through the current
+CUDA device (``_on_backend``; written for GPU clusters, not run on one yet).
 """
 
 from __future__ import annotations
@@ -48,13 +49,24 @@ def group_rank(group: Any = None) -> int:
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
+def _on_backend(t: Tensor, group: Any) -> Tensor:
+    """``t`` where the group's backend can reach it: nccl takes only CUDA tensors, so host values (a step's target
+    count, a norm) go through the current CUDA device; gloo takes either."""
+    if t.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        return t.cuda()
+    return t
+
+
 def all_reduce(t: Tensor, group: Any = None, op: str = "sum") -> Tensor:
     """In-place reduction of ``t`` over ``group``; ``op`` is sum, avg or max (avg = sum / size: gloo has no AVG)."""
     size = group_size(group)
     if size == 1:
         return t
     TRACE.record("all_reduce", t.numel() * t.element_size())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    work = _on_backend(t, group)
+    dist.all_reduce(work, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    if work is not t:
+        t.copy_(work)
     if op == "avg":
         t.div_(size)
     return t
@@ -80,7 +92,10 @@ def broadcast(t: Tensor, src: int = 0, group: Any = None) -> Tensor:
     if group_size(group) == 1:
         return t
     TRACE.record("broadcast", t.numel() * t.element_size())
-    dist.broadcast(t, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    work = _on_backend(t, group)
+    dist.broadcast(work, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    if work is not t:
+        t.copy_(work)
     return t
 
 
@@ -90,9 +105,10 @@ def all_gather_cat(t: Tensor, dim: int, group: Any = None) -> Tensor:
     if size == 1:
         return t
     TRACE.record("all_gather", t.numel() * t.element_size() * size)
-    parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    work = _on_backend(t.contiguous(), group)
+    parts = [torch.empty_like(work) for _ in range(size)]
+    dist.all_gather(parts, work, group=group)
+    return torch.cat(parts, dim=dim).to(t.device)
 
 
 def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
