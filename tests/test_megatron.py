@@ -17,7 +17,8 @@ from distributed import run_dist
 from dist_peft.integrations.transformers import load_adapter
 from dist_peft.parallel import collectives
 from dist_peft.train.config import ConfigError, check_world_size, from_dict
-from dist_peft.train.checkpoint import checkpoint_dir
+from dist_peft.files import BadFileError
+from dist_peft.train.checkpoint import checkpoint_dir, load_checkpoint
 from dist_peft.train.export import export
 from dist_peft.train.loop import Trainer
 from dist_peft.train.models import build_tiny_llama
@@ -193,6 +194,17 @@ def test_merged_export_of_a_tp2_pp2_checkpoint_is_the_single_process_one(runs, m
     assert len(list(mine.glob("model-*-of-00002.safetensors"))) == 2
 
 
+def test_a_checkpoint_resumes_only_under_the_layout_that_wrote_it(runs):
+    """A TP2×PP2 checkpoint holds 4 verified parts; asking for it from 8 ranks, for a part it lacks, or as a
+    whole-tensor checkpoint is one clear error (every rank reads the same parts.json: no rank goes on alone)."""
+    results, _ = runs
+    folder = checkpoint_dir(Path(results[0][(2, 2, 1), "lora"]["adapter_dir"]).parent, TRAIN["steps"])
+    assert load_checkpoint(folder, "tp01_pp01_dp000", world=4).step == TRAIN["steps"]
+    for part, world in (("tp00_pp00_dp000", 8), ("tp00_pp00_dp001", 4), (None, None)):
+        with pytest.raises(BadFileError, match="resume a checkpoint under the engine and parallel layout"):
+            load_checkpoint(folder, part, world)
+
+
 def test_adapter_files_from_tp2_pp2_load_in_the_transformers_engine(runs, tmp_path):
     """LoRA files written by TP=2×PP=2 load into the plain model and give the logits of the single-process run."""
     results, references = runs
@@ -243,3 +255,18 @@ def test_bad_layouts_are_refused_before_any_collective(tmp_path):
         from_dict({**raw, "train": {**raw["train"], "grad_accum": 3}})
     with pytest.raises(ConfigError, match="parallel.virtual_pipeline: 2 chunks per stage need pipeline > 1"):
         from_dict({**raw, "parallel": {"virtual_pipeline": 2}})
+
+
+def test_models_the_import_cannot_map_are_refused():
+    """A model the tensor size does not split, or one whose layout the import would map wrongly (another
+    activation, another architecture), is one error naming every problem."""
+    from transformers import GemmaConfig, LlamaConfig
+
+    from dist_peft.integrations.megatron import check_layout
+
+    with pytest.raises(ValueError, match=r"num_key_value_heads 3 % tensor 2.*num_hidden_layers 30 % \(pipeline 4"):
+        check_layout(LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30), 2, 4)
+    with pytest.raises(ValueError, match="hidden_act 'gelu' is not 'silu'"):
+        check_layout(LlamaConfig(hidden_act="gelu", num_attention_heads=4, num_key_value_heads=2), 2, 1)
+    with pytest.raises(ValueError, match="model_type 'gemma' is not one of llama, mistral, qwen2"):
+        check_layout(GemmaConfig(num_attention_heads=4, num_key_value_heads=2, hidden_act="silu"), 1, 1)

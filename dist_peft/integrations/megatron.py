@@ -23,14 +23,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from dist_peft.integrations.transformers import AdaptedLinear, site_seed
+from dist_peft.integrations.transformers import AdaptedLinear, seeded, site_seed
 from dist_peft.methods.base import Site, get_method
 from dist_peft.parallel import collectives
 from dist_peft.parallel.regions import copy_to_region, reduce_from_region
@@ -59,10 +59,18 @@ class Layout:
         return ShardSpec(kind, self.tp_rank, self.tp_size, self.tp_group) if self.tp_size > 1 else ShardSpec()
 
 
+SUPPORTED = ("llama", "mistral", "qwen2")
+"""Model types whose HF layout (separate q/k/v and gate/up projections, RMSNorm, SwiGLU, RoPE) the import maps."""
+
+
 def check_layout(hf_config: Any, tp: int, pp: int, vp: int = 1) -> None:
     """Clear errors for a model that the requested TP/PP/VP sizes cannot split."""
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
-    problems = [f"num_key_value_heads {groups} % tensor {tp}" if groups % tp else "",
+    problems = [f"model_type {hf_config.model_type!r} is not one of {', '.join(SUPPORTED)}"
+                if hf_config.model_type not in SUPPORTED else "",
+                f"hidden_act {getattr(hf_config, 'hidden_act', None)!r} is not 'silu' (SwiGLU)"
+                if getattr(hf_config, "hidden_act", None) != "silu" else "",
+                f"num_key_value_heads {groups} % tensor {tp}" if groups % tp else "",
                 f"num_hidden_layers {hf_config.num_hidden_layers} % (pipeline {pp} × virtual_pipeline {vp})"
                 if hf_config.num_hidden_layers % (pp * vp) else "",
                 f"intermediate_size {hf_config.intermediate_size} % tensor {tp}" if hf_config.intermediate_size % tp else "",
@@ -277,25 +285,25 @@ def build_model(hf_folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
 
 
 @torch.no_grad()
-def hf_state(chunks: list[nn.Module], sites: list[tuple[CanonicalSite, str]], hf: Any, layout: Layout) -> dict[str, Tensor]:
-    """This stage's weights under their HF names, whole (TP shards gathered: a collective over the TP group), as
-    the base layers hold them (merge adapters first for a merged model); a tied output layer is left out."""
-    out = {}
+def hf_tensors(chunks: list[nn.Module], sites: list[tuple[CanonicalSite, str]], hf: Any,
+               layout: Layout) -> Iterator[tuple[str, Tensor]]:
+    """This stage's weights one at a time, (HF name, whole tensor on the host), as the base layers hold them
+    (merge adapters first for a merged model); TP shards are gathered, a collective over the TP group per tensor,
+    so at most one whole tensor is on the device at once. A tied output layer is left out."""
+    def whole(t: Tensor, dim: int | None) -> Tensor:
+        return (t if dim is None else collectives.all_gather_cat(t.detach(), dim, layout.tp_group)).cpu()
+
     for site, name in sites:
         part = site.parts[name.rpartition(".")[2]]
         base = part.base_layer if isinstance(part, AdaptedLinear) else part
-        dim = 0 if site.kind is ShardKind.COLUMN else 1
-        out[f"{name}.weight"] = collectives.all_gather_cat(base.weight.detach(), dim, layout.tp_group)
+        yield f"{name}.weight", whole(base.weight, 0 if site.kind is ShardKind.COLUMN else 1)
         if base.bias is not None:
-            out[f"{name}.bias"] = collectives.all_gather_cat(base.bias.detach(), 0, layout.tp_group)
+            yield f"{name}.bias", whole(base.bias, 0)
     for chunk in chunks:
         params = dict(chunk.named_parameters())
         for name, (key, dim) in _replicated_sources(chunk, "lm_head.weight").items():
-            if key == "lm_head.weight" and hf.tie_word_embeddings:
-                continue
-            t = params[name].detach()
-            out[key] = t if dim is None else collectives.all_gather_cat(t, dim, layout.tp_group)
-    return {k: v.cpu().contiguous() for k, v in out.items()}
+            if not (key == "lm_head.weight" and hf.tie_word_embeddings):
+                yield key, whole(params[name], dim)
 
 
 def attach_adapters(sites: list[tuple[CanonicalSite, str]], method: str, cfg: Any, targets: Iterable[str],
@@ -320,8 +328,7 @@ def attach_adapters(sites: list[tuple[CanonicalSite, str]], method: str, cfg: An
     extra = entry.adapter_cls.prepare([s for _, _, s in chosen], cfg, specs=specs, layer_group=layer_group)
     adapted = {}
     for site, kind, s in chosen:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(site_seed(seed, s.name))
+        with seeded(site_seed(seed, s.name)):
             adapter = entry.adapter_cls(s, specs[s.name], cfg, **extra.get(s.name, {}))
         site.parts[kind] = adapted[s.name] = AdaptedLinear(site.parts[kind], adapter)
     return adapted

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor
 
 from dist_peft.files import atomic_dir, save_tensors, write_json
-from dist_peft.integrations.megatron import Layout, attach_adapters, build_model, hf_state
+from dist_peft.integrations.megatron import Layout, attach_adapters, build_model, hf_tensors
 from dist_peft.integrations.transformers import AdaptedLinear, set_merged
 from dist_peft.methods.base import Controller, ParamLayout, StepContext
 from dist_peft.parallel import collectives
@@ -39,6 +38,12 @@ GROUP_TIMEOUT_MINUTES = 10
 FORWARD_ONLY = {"eval", "logits"}
 """Modes of ``_run``, by what the last stage's loss function returns: train (Σ CE / step targets), sum (Σ CE:
 calibration backward passes), eval (CE sum and correct argmax count), logits (the logits)."""
+
+
+@functools.lru_cache(maxsize=4)
+def _causal_mask(seq_len: int, device: torch.device) -> Tensor:
+    """megatron's [1, 1, s, s] mask (True: masked), one per length and device, shared by every micro-batch."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
 
 
 def to_megatron_batch(batch: Mapping[str, Tensor], seq_len: int, pad_id: int) -> dict[str, Tensor]:
@@ -55,8 +60,7 @@ def to_megatron_batch(batch: Mapping[str, Tensor], seq_len: int, pad_id: int) ->
     target = torch.full((b, seq_len), IGNORE, dtype=torch.long, device=dev)
     target[:, : s - 1] = labels[:, 1:]
     out = {"tokens": tokens, "labels": target.clamp(min=0), "loss_mask": (target != IGNORE).float(),
-           "position_ids": torch.arange(seq_len, device=dev).expand(b, -1),
-           "attention_mask": torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=dev), 1)[None, None]}
+           "position_ids": torch.arange(seq_len, device=dev).expand(b, -1), "attention_mask": _causal_mask(seq_len, dev)}
     if "task_ids" in batch:
         out["task_ids"] = batch["task_ids"]
     return out
@@ -196,7 +200,7 @@ class MegatronEngine:
 
     def _clip(self, max_norm: float | None) -> float:
         """Global gradient norm as the single-process run computes it; clip in place when above max_norm."""
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=next(iter(self.params.values())).device)
         for s in self.sites.values():
             for name, layout in s.adapter.param_layouts().items():
                 g = getattr(s.adapter, name).grad
@@ -214,8 +218,6 @@ class MegatronEngine:
         """Every adapter tensor (trainable and buffers) unsplit, keyed like the transformers engine's adapter
         files, on every rank: TP shards are gathered along their shard_dim, then pipeline stages exchange their
         layers (a collective)."""
-        import torch.distributed as dist
-
         local = {}
         for name, s in self.sites.items():
             a = s.adapter
@@ -225,43 +227,37 @@ class MegatronEngine:
                 if layout.shard_dim is not None:
                     t = collectives.all_gather_cat(t, layout.shard_dim, self.layout.tp_group)
                 local[f"{name}.{a.file_key(p)}"] = t.cpu()
-        if self.layout.pp_size == 1:
-            return local
-        parts: list = [None] * self.layout.pp_size
-        dist.all_gather_object(parts, local, group=self.pp_group)
-        return {k: v for part in parts for k, v in part.items()}
+        return {k: v for part in collectives.all_gather_object(local, self.pp_group) for k, v in part.items()}
 
     def export_hf(self, out_dir: str | Path, tokenizer: Any, is_main: bool) -> Path:
-        """The trained model as a merged Hugging Face folder (a collective): every rank merges its adapters into
-        its weight shards, TP shards are gathered, the first rank of each pipeline stage writes that stage's
-        safetensors file, and rank 0 adds the index, config and tokenizer and moves it all into ``out_dir`` at
-        once. The adapters are unmerged again afterwards."""
-        import torch.distributed as dist
-
+        """The trained model as a merged Hugging Face folder (a collective): the first data-parallel replica
+        merges its adapters into its weight shards and gathers each weight over TP in turn, keeping it on the host
+        of the stage's first TP rank, which writes the stage's safetensors file; rank 0 adds the index, config and
+        tokenizer and moves it all into ``out_dir`` at once. The adapters are unmerged again afterwards."""
         out_dir = Path(out_dir)
         staging = out_dir.parent / f".{out_dir.name}.parts"
-        if is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        for chunk in self.chunks:
-            set_merged(chunk, True)
-        try:
-            state = hf_state(self.chunks, self.canonical, self.hf, self.layout)
-        finally:
+        files = [f"model-{p + 1:05d}-of-{self.layout.pp_size:05d}.safetensors" for p in range(self.layout.pp_size)]
+        writer = self.layout.tp_rank == 0 and self.data_rank == 0
+        if self.data_rank == 0:
             for chunk in self.chunks:
-                set_merged(chunk, False)
-        stages = collectives.all_gather_object((sorted(state), sum(t.nbytes for t in state.values())), self.pp_group)
-        files = [f"model-{p + 1:05d}-of-{len(stages):05d}.safetensors" for p in range(len(stages))]
-        dist.barrier()  # the staging folder exists
-        if self.layout.tp_rank == 0 and self.data_rank == 0:
-            save_tensors(staging / files[self.layout.pp_rank], state, metadata={"format": "pt"})
-        dist.barrier()  # every stage's file is written
+                set_merged(chunk, True)
+            try:
+                state = {k: t for k, t in hf_tensors(self.chunks, self.canonical, self.hf, self.layout) if writer}
+            finally:
+                for chunk in self.chunks:
+                    set_merged(chunk, False)
+            if writer:
+                staging.mkdir(parents=True, exist_ok=True)
+                save_tensors(staging / files[self.layout.pp_rank], state, metadata={"format": "pt"})
+        written = collectives.all_gather_object((self.layout.pp_rank, sorted(state), sum(t.nbytes for t in state.values()))
+                                                if writer else None)  # after it, every stage's file is written
         if is_main:
-            index = {"metadata": {"total_size": sum(size for _, size in stages)},
-                     "weight_map": {k: files[p] for p, (keys, _) in enumerate(stages) for k in keys}}
+            stages = [w for w in written if w is not None]
+            index = {"metadata": {"total_size": sum(size for _, _, size in stages)},
+                     "weight_map": {k: files[p] for p, keys, _ in stages for k in keys}}
             with atomic_dir(out_dir) as tmp:
-                for f in staging.iterdir():
-                    f.rename(tmp / f.name)
+                for f in files:
+                    (staging / f).rename(tmp / f)
                 write_json(tmp / "model.safetensors.index.json", index)
                 self.hf.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)

@@ -11,10 +11,11 @@ config (written only for methods PEFT has), and ``dist_peft_adapter.json`` names
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +70,18 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Inside: the RNG seeded with ``seed`` (None: left as it is). Outside, every generator this process uses
+    (the CPU's and the current CUDA device's) is as it was: ``torch.manual_seed`` seeds the CUDA ones too."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def site_seed(seed: int, name: str) -> int:
     """Adapter initialisation seed of one site: the run seed and the site name only, so that every engine
     and parallel layout initialises every adapter exactly alike."""
@@ -98,9 +111,7 @@ def inject_adapters(model: nn.Module, method: str, cfg: Any, target_modules: Ite
             found.add(kind)
     extra_kwargs = entry.adapter_cls.prepare([site for site, _ in sites.values()], cfg)
     for path, (site, module) in sites.items():
-        with torch.random.fork_rng(devices=[], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(site_seed(seed, path))
+        with seeded(None if seed is None else site_seed(seed, path)):
             adapter = entry.adapter_cls(site, ShardSpec(), cfg, **extra_kwargs.get(path, {}))
         _set_submodule(model, path, AdaptedLinear(module, adapter))
     missing = (targets | extra) - found

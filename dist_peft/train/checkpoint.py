@@ -64,15 +64,15 @@ def save_checkpoint(folder: Path, *, step: int, data_position: int, config: dict
 
 def save_parts(folder: Path, part: str, is_main: bool, **state: Any) -> Path:
     """Every rank writes its own checkpoint ``part`` (``save_checkpoint``'s arguments) into a staging folder;
-    after a barrier the main rank moves all parts into ``folder`` at once (atomically) with ``parts.json``
-    naming them. A collective: every rank calls it."""
-    import torch.distributed as dist
+    the part names are gathered (a directory listing on a shared filesystem may lag behind other nodes), and the
+    main rank moves exactly those parts into ``folder`` at once (atomically) with ``parts.json`` naming them. A
+    collective: every rank calls it."""
+    from dist_peft.parallel import collectives
 
     staging = folder.parent / f".{folder.name}.parts"
     save_checkpoint(staging / part, **state)
-    dist.barrier()
+    parts = sorted(collectives.all_gather_object(part))  # after it, every part is written
     if is_main:
-        parts = sorted(p.name for p in staging.iterdir() if not p.name.startswith("."))
         with atomic_dir(folder) as tmp:
             for name in parts:
                 (staging / name).rename(tmp / name)
@@ -81,18 +81,18 @@ def save_parts(folder: Path, part: str, is_main: bool, **state: Any) -> Path:
     return folder
 
 
-def load_checkpoint(folder: str | Path, part: str | None = None) -> Checkpoint:
+def load_checkpoint(folder: str | Path, part: str | None = None, world: int | None = None) -> Checkpoint:
     """Read and verify a checkpoint folder (checksums first, then format); ``part``: this rank's part of a
-    checkpoint written with ``save_parts`` (None: a whole-tensor checkpoint)."""
+    checkpoint written with ``save_parts`` by ``world`` ranks (None: a whole-tensor checkpoint / any world)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BadFileError(f"{folder}: no such checkpoint folder")
     verify_dir(folder)
     if (folder / PARTS).is_file() or part is not None:
         parts = read_json(folder / PARTS)["parts"] if (folder / PARTS).is_file() else []
-        if part not in parts:
+        if part not in parts or world is not None and len(parts) != world:
             raise BadFileError(f"{folder}: holds {'the parts ' + ', '.join(parts) if parts else 'whole tensors'}, "
-                               f"this rank needs {part or 'whole tensors'}: resume a checkpoint under the engine and "
+                               f"this rank needs {part or 'whole tensors'} of {world or 'any number of'} parts: resume a checkpoint under the engine and "
                                f"parallel layout that wrote it (adapter files and exports work across engines)")
         folder = folder / part
         verify_dir(folder)

