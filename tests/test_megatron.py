@@ -14,11 +14,11 @@ import torch
 
 from conftest import tiny_config
 from distributed import run_dist
+from dist_peft.files import BadFileError
 from dist_peft.integrations.transformers import load_adapter
 from dist_peft.parallel import collectives
-from dist_peft.train.config import ConfigError, check_world_size, from_dict
-from dist_peft.files import BadFileError
 from dist_peft.train.checkpoint import checkpoint_dir, load_checkpoint
+from dist_peft.train.config import ConfigError, check_world_size, from_dict
 from dist_peft.train.export import export
 from dist_peft.train.loop import Trainer
 from dist_peft.train.models import build_tiny_llama
@@ -103,6 +103,42 @@ def _schedule_name() -> str:
     return get_forward_backward_func().__name__
 
 
+LONG_PROBE = torch.arange(2 * 256).reshape(2, 256) % 250
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+
+
+def _llama3_config(rope: dict | None):
+    """The tiny Llama with Llama 3.1's RoPE (theta 5e5 and llama3 frequency scaling) or with plain RoPE; weights
+    large enough (initializer_range 0.15) that attention, and so the positions, matter."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
+                       rope_scaling=rope, rope_theta=500000.0, initializer_range=0.15)
+
+
+def _llama3_logits(run_dir: str):
+    """LONG_PROBE's logits through build_model (the layout as initialised, pipeline 1) of a Llama-3.1-RoPE model,
+    gathered over TP."""
+    from megatron.core import parallel_state as ps
+    from transformers import LlamaForCausalLM
+
+    from dist_peft.integrations.megatron import build_model
+    from dist_peft.integrations.megatron_engine import to_megatron_batch
+
+    folder = Path(run_dir, "llama3")
+    if torch.distributed.get_rank() == 0:
+        torch.manual_seed(0)
+        LlamaForCausalLM(_llama3_config(LLAMA3_ROPE)).save_pretrained(folder)
+    torch.distributed.barrier()
+    chunks, _, _ = build_model(folder)
+    b = to_megatron_batch({"input_ids": LONG_PROBE, "labels": LONG_PROBE}, LONG_PROBE.shape[1], 256)
+    with torch.no_grad():
+        logits = chunks[0](b["tokens"], b["position_ids"], b["attention_mask"])
+    return collectives.all_gather_cat(logits, -1, ps.get_tensor_model_parallel_group()).numpy()
+
+
 def _all_layouts(run_dir: str) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -113,6 +149,8 @@ def _all_layouts(run_dir: str) -> dict:
             out[layout, method] = _run(_cfg(f"{run_dir}/{name}", method, layout, _layers(layout)))
             if layout == (2, 2, 1) and method in EXPORTED:  # the merged model, from the checkpoint's 4 parts
                 export(checkpoint_dir(Path(run_dir, name), TRAIN["steps"]), f"{run_dir}/{name}-merged", merged=True)
+            if layout == (2, 1, 1) and method == "lora":
+                out["llama3"] = _llama3_logits(run_dir)
             ps.destroy_model_parallel()
     return out
 
@@ -203,6 +241,23 @@ def test_a_checkpoint_resumes_only_under_the_layout_that_wrote_it(runs):
     for part, world in (("tp00_pp00_dp000", 8), ("tp00_pp00_dp001", 4), (None, None)):
         with pytest.raises(BadFileError, match="resume a checkpoint under the engine and parallel layout"):
             load_checkpoint(folder, part, world)
+
+
+def test_llama31_rope_scaling_is_imported(runs, tmp_path):
+    """A Llama-3.1-style config (rope_type llama3) built by megatron-core at TP=2 gives the HF model's logits over
+    256 positions, where the scaling changes them (the same weights with plain RoPE differ)."""
+    from transformers import LlamaForCausalLM
+
+    results, _ = runs
+    folder = next(Path(results[0][(2, 1, 1), "lora"]["adapter_dir"]).parents[1].glob("llama3"))
+    hf = LlamaForCausalLM.from_pretrained(folder)
+    plain = LlamaForCausalLM(_llama3_config(None))
+    plain.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        want, unscaled = hf(input_ids=LONG_PROBE).logits, plain(input_ids=LONG_PROBE).logits
+    assert (want - unscaled).abs().max() > 0.1
+    for rank in (0, 1):  # the TP pair of the first replica
+        torch.testing.assert_close(torch.from_numpy(results[rank]["llama3"]), want, rtol=1e-4, atol=1e-4)
 
 
 def test_adapter_files_from_tp2_pp2_load_in_the_transformers_engine(runs, tmp_path):

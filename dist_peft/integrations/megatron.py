@@ -76,8 +76,7 @@ def check_layout(hf_config: Any, tp: int, pp: int, vp: int = 1) -> None:
                 f"intermediate_size {hf_config.intermediate_size} % tensor {tp}" if hf_config.intermediate_size % tp else "",
                 f"vocab_size {hf_config.vocab_size} % tensor {tp}" if hf_config.vocab_size % tp else "",
                 f"num_attention_heads {heads} % num_key_value_heads {groups}" if heads % groups else "",
-                f"rope_type {_rope(hf_config)[1]!r} is not supported (only 'default')"
-                if _rope(hf_config)[1] != "default" else ""]
+                _rope_problem(hf_config)]
     problems = [p for p in problems if p]
     if problems:
         raise ValueError(f"parallel: this model cannot be split as tensor={tp}, pipeline={pp}, virtual_pipeline={vp}: "
@@ -104,9 +103,33 @@ def transformer_config(hf: Any, tp: int, pp: int, dtype: torch.dtype, vp: int = 
         batch_p2p_comm=not cpu)  # gloo: batched p2p is wrong for interleaved schedules (cpu_stack.md §4)
 
 
-def _rope(hf: Any) -> tuple[float, str]:
-    params = getattr(hf, "rope_parameters", None) or {}
-    return params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)), params.get("rope_type", "default")
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+"""megatron-core 0.16 applies Llama 3's RoPE scaling with these constants fixed (Llama 3.1 / 3.3 use them); only
+the factor is a parameter."""
+
+
+def _rope_parameters(hf: Any) -> dict[str, Any]:
+    params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    params.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def _rope_problem(hf: Any) -> str:
+    p = _rope_parameters(hf)
+    if p["rope_type"] == "default":
+        return ""
+    if p["rope_type"] == "llama3" and all(float(p.get(k, -1)) == v for k, v in LLAMA3_ROPE.items()):
+        return ""
+    return (f"rope_type {p['rope_type']!r} with {p} is not supported (default, or llama3 with "
+            f"{LLAMA3_ROPE} as megatron-core fixes them)")
+
+
+def _rope_kwargs(hf: Any) -> dict[str, Any]:
+    """GPTModel's RoPE arguments from the HF config (checked by ``_rope_problem`` first)."""
+    p = _rope_parameters(hf)
+    scaled = {"rope_scaling": True, "rope_scaling_factor": float(p["factor"])} if p["rope_type"] == "llama3" else {}
+    return {"rotary_base": p["rope_theta"], **scaled}
 
 
 def _qkv_bias(hf: Any) -> bool:
@@ -275,7 +298,7 @@ def build_model(hf_folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
                          max_sequence_length=hf.max_position_embeddings,
                          pre_process=ps.is_pipeline_first_stage(**where), post_process=ps.is_pipeline_last_stage(**where),
                          share_embeddings_and_output_weights=hf.tie_word_embeddings,
-                         position_embedding_type="rope", rotary_base=_rope(hf)[0],
+                         position_embedding_type="rope", **_rope_kwargs(hf),
                          **({"vp_stage": stage} if vp > 1 else {}))
         for layer in model.decoder.layers:
             sites += _replace_sites(layer, layer.layer_number - 1, ckpt, layout, dtype, groups_local)
