@@ -67,8 +67,10 @@ CONFIGS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "loca-gathered": ours("loca", n_frequency=1000, alternate_until=0, path="gathered"),
     "loca-dense": ours("loca", n_frequency=1000, alternate_until=0, path="dense"),
     "loca-spectral-loc": ours("loca", n_frequency=1000, path="spectral"),
-    # FO-LoRA, 2 tasks at LoRA's rank; no task ids reach it here, so every sample is default_task 0 (plain GEMM).
+    # FO-LoRA, 2 tasks at LoRA's rank: every sample of task 0 (one plain GEMM), or mixed tasks in every batch
+    # (task ids in TASK_IDS: V_t gathered per sample, one batched GEMM).
     "folora": ours("folora", r=16, lora_alpha=32, num_tasks=2),
+    "folora-mixed": ours("folora", r=16, lora_alpha=32, num_tasks=2),
     "peft-fourierft": lambda model: __import__("peft").get_peft_model(
         model, __import__("peft").FourierFTConfig(n_frequency=1000, target_modules=ALL)),
     # FRoD at HF PEFT's defaults (s = 0.01, π = 1e-3); ours with its default sides (o_proj, down_proj: output).
@@ -84,6 +86,10 @@ CONFIGS: dict[str, Callable[[nn.Module], nn.Module]] = {
 }
 
 
+TASK_IDS = {"folora-mixed": [0, 1]}
+"""Per-sample task ids (repeated over the batch) handed to the controller before every step, as the Trainer does."""
+
+
 class Runner:
     def __init__(self, name: str, layers: int, batch: int, seq: int):
         self.name = name
@@ -95,10 +101,13 @@ class Runner:
         self.controller = next(iter(adapters.values())).controller_cls(adapters) if adapters else Controller({})
         self.done = 0
         self.ids = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(1))
+        tasks = TASK_IDS.get(name)
+        self.batch = {"input_ids": self.ids} | ({"task_ids": torch.tensor(tasks * batch)[:batch]} if tasks else {})
         self.times: list[float] = []
 
     def step(self) -> float:
         start = time.perf_counter()
+        self.controller.on_batch(self.batch)
         loss = self.model(input_ids=self.ids, labels=self.ids).loss
         loss.backward()
         if self.opt is not None:  # the Trainer's order: hooks around the optimizer step
