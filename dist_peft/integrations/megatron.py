@@ -35,6 +35,7 @@ from dist_peft.methods.base import Site, get_method
 from dist_peft.parallel import collectives
 from dist_peft.parallel.regions import copy_to_region, reduce_from_region
 from dist_peft.parallel.shard import ShardKind, ShardSpec
+from dist_peft.train.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def check_layout(hf_config: Any, tp: int, pp: int, vp: int = 1) -> None:
                 _rope_problem(hf_config)]
     problems = [p for p in problems if p]
     if problems:
-        raise ValueError(f"parallel: this model cannot be split as tensor={tp}, pipeline={pp}, virtual_pipeline={vp}: "
+        raise ConfigError(f"parallel: this model cannot be split as tensor={tp}, pipeline={pp}, virtual_pipeline={vp}: "
                          f"{'; '.join(problems)}")
 
 
