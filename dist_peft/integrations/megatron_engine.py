@@ -6,10 +6,10 @@ One optimizer step, in order (the Trainer's order, so every method's hooks see w
   1. the Trainer counts the step's loss targets over the data-parallel group (one scalar all-reduce);
   2. ``forward_backward``: megatron's schedule runs every micro-batch; the last stage's loss is
      Σ masked per-token cross-entropy / (step targets), so accumulation and DP equal one big batch;
-  3. ``optimizer_step``: partial gradients of replicated adapter factors are summed over the TP group, all
-     layers in one coalesced all-reduce, then every adapter gradient over the DP group in one more →
-     controller.before_optimizer_step → clip by the global norm (each shard counted once, summed over TP and
-     PP) → optimizer.step → controller.after_optimizer_step → zero_grad.
+  3. the Trainer's step: ``reduce_grads`` (partial gradients of replicated adapter factors summed over the TP
+     group, all layers in one coalesced all-reduce, then every adapter gradient over the DP group in one more)
+     → controller.before_optimizer_step → ``clip`` by the global norm → optimizer.step →
+     controller.after_optimizer_step → zero_grad.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import Tensor
 from dist_peft.files import atomic_dir, save_tensors, write_json
 from dist_peft.integrations.megatron import Layout, attach_adapters, build_model, hf_tensors
 from dist_peft.integrations.transformers import AdaptedLinear, set_merged
-from dist_peft.methods.base import Controller, ParamLayout, StepContext
+from dist_peft.methods.base import Controller, ParamLayout
 from dist_peft.parallel import collectives
 from dist_peft.parallel.runtime import ensure_process_group
 from dist_peft.train.config import RunConfig
@@ -142,8 +142,9 @@ class MegatronEngine:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         b, s = batches[0]["tokens"].shape
-        pad = {**batches[-1], "loss_mask": torch.zeros_like(batches[-1]["loss_mask"])}
-        batches = batches + [pad] * (self.min_microbatches - len(batches))
+        if len(batches) < self.min_microbatches:
+            pad = {**batches[-1], "loss_mask": torch.zeros_like(batches[-1]["loss_mask"])}
+            batches = batches + [pad] * (self.min_microbatches - len(batches))
         self._mode, self._controller = mode, controller or Controller({})
         for chunk in self.chunks:
             chunk.train(mode not in FORWARD_ONLY)
@@ -175,18 +176,9 @@ class MegatronEngine:
         sums = self._stage_sum([sum(float(o["loss_sum"]) for o in out), sum(float(o["correct"]) for o in out)])
         return float(sums[0]), float(sums[1])
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, controller: Controller, ctx: StepContext,
-                       max_grad_norm: float | None) -> float:
-        """Step 3 of the module docstring; returns the global gradient norm before clipping."""
-        self._reduce_grads()
-        controller.before_optimizer_step(ctx)
-        norm = self._clip(max_grad_norm)
-        optimizer.step()
-        controller.after_optimizer_step(ctx)
-        optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def _reduce_grads(self) -> None:
+    def reduce_grads(self) -> None:
+        """TP partial sums of replicated factors, then DP sums of every adapter gradient: one coalesced
+        all-reduce each, for all layers."""
         partial, every = [], []
         for s in self.sites.values():
             for name, layout in s.adapter.param_layouts().items():
@@ -198,8 +190,9 @@ class MegatronEngine:
         collectives.all_reduce_coalesced(partial, self.layout.tp_group)
         collectives.all_reduce_coalesced(every, self.dp_group)
 
-    def _clip(self, max_norm: float | None) -> float:
-        """Global gradient norm as the single-process run computes it; clip in place when above max_norm."""
+    def clip(self, max_norm: float | None) -> float:
+        """Global gradient norm as the single-process run computes it (each shard once, summed over TP and PP);
+        clip in place when above max_norm. Returns the norm before clipping."""
         sq = torch.zeros((), dtype=torch.float64, device=next(iter(self.params.values())).device)
         for s in self.sites.values():
             for name, layout in s.adapter.param_layouts().items():

@@ -56,21 +56,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dist_peft.methods.base import Controller, ParamLayout, Site, StepContext, register_method
-from dist_peft.methods.lora import LoraAdapter
+from dist_peft.methods.lora import LoraAdapter, LoraConfig
 from dist_peft.ops.qr import Reduce, cholesky_qr2, low_rank_svd, sum_partial_grams
 from dist_peft.parallel.shard import ShardKind, ShardSpec
 
 
 @dataclass(frozen=True, kw_only=True)
-class OdLoraConfig:
-    r: int = 8
-    """Rank r of A and B (and of the bases)."""
+class OdLoraConfig(LoraConfig):
+    """LoRA's keys (r is also the bases' rank; dropout is unstated in the paper, G10, so off by default) with the
+    paper's scale, and the schedule's."""
+
     lora_alpha: float = 4.0
     """Numerator of the scale s; the paper uses α = 4 with s = α / √r."""
     use_rslora: bool = True
     """s = lora_alpha / √r (paper); False gives lora_alpha / r."""
-    lora_dropout: float = 0.0
-    """Dropout on the adapter's input (paper: unstated, G10; off by default)."""
     init_rounds: int = 5
     """N: basis-initialisation rounds of Phase I (paper: 5)."""
     init_steps: int = 10
@@ -81,19 +80,12 @@ class OdLoraConfig:
     """A factor is rank-deficient when min diag(R) <= rank_tol · max diag(R) of its QR (G17)."""
 
     def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ValueError(f"r: must be a positive integer, got {self.r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        super().__post_init__()
         for name in ("init_rounds", "init_steps", "refresh_phases"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.rank_tol < 1.0:
             raise ValueError(f"rank_tol: must be in (0, 1), got {self.rank_tol}")
-
-    @property
-    def scale(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 def schedule_event(t: int, cfg: OdLoraConfig, total_steps: int = 0) -> str:

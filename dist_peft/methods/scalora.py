@@ -56,22 +56,17 @@ import torch
 from torch import Tensor
 
 from dist_peft.methods.base import Controller, StepContext, register_method
-from dist_peft.methods.lora import LoraAdapter
+from dist_peft.methods.lora import LoraAdapter, LoraConfig
 from dist_peft.ops.qr import sum_partial_grams
 from dist_peft.ops.small_solve import COLUMN, SCALAR, SKIP, optimal_scaling, scaling_system
 from dist_peft.parallel.shard import ShardKind
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScaLoraConfig:
-    r: int = 8
-    """Rank r of the LoRA factors (paper: 8 for LLMs, 4 for DeBERTa)."""
-    lora_alpha: float = 16.0
-    """Numerator of the scale s = lora_alpha / r (paper's "scaling 16", G16)."""
-    lora_dropout: float = 0.0
-    """Dropout on the adapter's input; the gradients used are the dropped-input ones (G14)."""
-    use_rslora: bool = False
-    """s = lora_alpha / √r instead of lora_alpha / r."""
+class ScaLoraConfig(LoraConfig):
+    """LoRA's keys (r: paper 8 for LLMs, 4 for DeBERTa; lora_alpha 16 is the paper's "scaling 16", G16; with
+    dropout the gradients used are the dropped-input ones, G14) and the transform's."""
+
     interval: int = 1
     """I: transform every I optimizer steps (1: ScaLoRA, 10: the paper's ScaLoRA-I); 0: never (plain LoRA)."""
     lipschitz: float = 1000.0
@@ -85,20 +80,13 @@ class ScaLoraConfig:
     """Merge into an fp32 master copy of each adapted weight that is not stored in fp32 (G11)."""
 
     def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ValueError(f"r: must be a positive integer, got {self.r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        super().__post_init__()
         if self.interval < 0:
             raise ValueError(f"interval: must be >= 0 (0: never), got {self.interval}")
         if not (self.lipschitz > 0 and math.isfinite(self.lipschitz)):
             raise ValueError(f"lipschitz: must be a positive finite number, got {self.lipschitz}")
         if not 0.0 <= self.nonneg_tol < 1.0:
             raise ValueError(f"nonneg_tol: must be in [0, 1), got {self.nonneg_tol}")
-
-    @property
-    def scale(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 class MergedDelta:

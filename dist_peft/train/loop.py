@@ -202,37 +202,39 @@ class Trainer:
         counts = torch.tensor([float(sum(self._targets(b) for b in batches)),
                                float(sum(b["attention_mask"].sum() for b in batches))])
         collectives.all_reduce(counts, self.controller.data_group)
-        ctx = StepContext(self.step, lr, self.optimizer, total_steps=t.steps)
-        if self.mg is not None:
+        if self.mg is not None:  # megatron's schedule runs every micro-batch (pipelined)
             loss_sum = torch.tensor(self.mg.forward_backward([self._megatron(b) for b in batches], float(counts[0]),
                                                              self.controller), dtype=torch.float64)
-            norm = self.mg.optimizer_step(self.optimizer, self.controller, ctx, t.max_grad_norm)
-            return self._step_record(loss_sum, counts, lr, norm)
-        self.model.train()
-        loss_sum = torch.zeros(())
-        for i, batch in enumerate(batches):
-            self.controller.on_batch(batch)
-            loss, _ = self._loss_sum(batch)
-            if self.ds is not None:
-                self.ds.backward(loss / counts[0], last=i == len(batches) - 1)
-            else:
-                (loss / counts[0]).backward()
-            loss_sum += loss.detach().cpu()
+        else:
+            self.model.train()
+            loss_sum = torch.zeros(())
+            for i, batch in enumerate(batches):
+                self.controller.on_batch(batch)
+                loss, _ = self._loss_sum(batch)
+                if self.ds is not None:
+                    self.ds.backward(loss / counts[0], last=i == len(batches) - 1)
+                else:
+                    (loss / counts[0]).backward()
+                loss_sum += loss.detach().cpu()
         if self.ds is not None:  # hooks, clip, step and zero_grad in the order above, on DeepSpeed's partitions
             norm = self.ds.optimizer_step(self.controller, self.ds.step_context(self.step, lr, t.steps))
         else:
-            collectives.all_reduce_coalesced([p.grad for p in self.params.values() if p.grad is not None])
+            if self.mg is not None:
+                self.mg.reduce_grads()
+            else:
+                collectives.all_reduce_coalesced([p.grad for p in self.params.values() if p.grad is not None])
+            ctx = StepContext(self.step, lr, self.optimizer, total_steps=t.steps)
             self.controller.before_optimizer_step(ctx)
-            grads = [p for p in self.params.values() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(grads, t.max_grad_norm if t.max_grad_norm else math.inf)
+            if self.mg is not None:
+                norm = self.mg.clip(t.max_grad_norm)
+            else:
+                grads = [p for p in self.params.values() if p.grad is not None]
+                norm = torch.nn.utils.clip_grad_norm_(grads, t.max_grad_norm if t.max_grad_norm else math.inf)
             self.optimizer.step()
             self.controller.after_optimizer_step(ctx)
             self.optimizer.zero_grad(set_to_none=True)
-        return self._step_record(loss_sum, counts, lr, norm)
-
-    def _step_record(self, loss_sum: Tensor, counts: Tensor, lr: float, norm: Any) -> dict[str, Any]:
         self.step += 1
-        self.position += self.cfg.train.grad_accum
+        self.position += t.grad_accum
         loss = collectives.all_reduce(loss_sum, self.controller.data_group).item() / counts[0].item()
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(norm), "tokens": int(counts[1]),
                 **getattr(self.controller, "step_metrics", {})}
