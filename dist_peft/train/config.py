@@ -252,10 +252,40 @@ class ParallelConfig:
     layers are split into pipeline × virtual_pipeline chunks, stage p holding chunks p, p + pipeline, …; needs
     pipeline > 1 and ``train.grad_accum`` a multiple of pipeline."""
 
+    sequence_parallel: bool = False
+    """megatron-core sequence parallelism: outside the tensor-parallel linears (norms, dropout, residuals) the
+    activations are split along the sequence over the tensor group; a column-parallel linear all-gathers its
+    input and a row-parallel one reduce-scatters its output in place of the all-reduce. Needs tensor > 1."""
+
     def __post_init__(self) -> None:
         _positive(self, "tensor", "pipeline", "virtual_pipeline")
         if self.virtual_pipeline > 1 and self.pipeline == 1:
             raise ValueError(f"virtual_pipeline: {self.virtual_pipeline} chunks per stage need pipeline > 1")
+        if self.sequence_parallel and self.tensor == 1:
+            raise ValueError("sequence_parallel: needs tensor > 1 (it splits the sequence over the tensor group)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecomputeConfig:
+    """Activation recompute (checkpointing): activations of the chosen layers are dropped after the forward
+    and recomputed in the backward. Maps to megatron-core's ``recompute_granularity`` / ``recompute_method`` /
+    ``recompute_num_layers`` under a ``parallel`` section, and to per-decoder-layer activation checkpointing on
+    the transformers and DeepSpeed engines (which support ``granularity: full`` only)."""
+
+    granularity: Literal["full", "selective"] = "full"
+    """full: whole decoder layers are recomputed (only each layer's input is kept); selective: only the
+    attention core (softmax and its dropout), megatron-core only."""
+    method: Literal["uniform", "block"] = "uniform"
+    """full granularity: uniform recomputes every layer in groups of ``num_layers``; block recomputes the first
+    ``num_layers`` layers of each pipeline stage and keeps the others' activations."""
+    num_layers: int | None = None
+    """full granularity: the group size (uniform) or the number of layers per stage (block); None: 1
+    (uniform) or every layer (block)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_layers")
+        if self.granularity == "selective" and self.num_layers is not None:
+            raise ValueError("num_layers: applies to granularity full only")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,6 +299,8 @@ class RunConfig:
     """Present: the DeepSpeed ZeRO engine; absent: the plain engine."""
     parallel: ParallelConfig | None = None
     """Present: the megatron-core engine (tensor / pipeline parallel); absent: the transformers engine."""
+    recompute: RecomputeConfig | None = None
+    """Present: activation recompute on whichever engine runs; absent: every activation is kept."""
 
     def __post_init__(self) -> None:
         formats = [t.format for t in self.data.tasks] or [self.data.format]
@@ -282,6 +314,9 @@ class RunConfig:
         if self.deepspeed and self.deepspeed.train_batch_size and self.deepspeed.train_batch_size % per_rank:
             raise ValueError(f"deepspeed.train_batch_size: {self.deepspeed.train_batch_size} is not a multiple of "
                              f"train.micro_batch_size × train.grad_accum = {per_rank}")
+        if self.recompute is not None and self.recompute.granularity == "selective" and self.parallel is None:
+            raise ValueError("recompute.granularity: selective recompute is megatron-core's (a parallel section); "
+                             "the transformers and DeepSpeed engines recompute whole layers (full)")
         if self.parallel is not None:
             if self.deepspeed is not None:
                 raise ValueError("parallel: the megatron-core engine does not run under DeepSpeed ZeRO; leave out "
@@ -301,9 +336,11 @@ class RunConfig:
                        **dataclasses.asdict(self.method.options)}
         if not self.data.tasks:  # single-task configs keep their pre-multitask dict (checkpoints compare it)
             del d["data"]["tasks"]
-        for section in ("deepspeed", "parallel"):  # configs without them keep their earlier dict
+        for section in ("deepspeed", "parallel", "recompute"):  # configs without them keep their earlier dict
             if d[section] is None:
                 del d[section]
+        if d.get("parallel") and not d["parallel"]["sequence_parallel"]:
+            del d["parallel"]["sequence_parallel"]
         return _plain(d)
 
 
