@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from dist_peft.parallel.shard import ShardSpec
+from dist_peft.parallel.shard import ShardKind, ShardSpec
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,33 @@ class Site:
     batch_dim: int = 0
     """The input's dimension that indexes samples: 0 for transformers' [b, s, h], 1 for megatron's [s, b, h]
     (read by methods with per-sample behaviour, FO-LoRA's task ids)."""
+
+
+@dataclass(frozen=True)
+class SiteShape:
+    """The shape-only twin of ``Site`` for accounting (``dist_peft.accounting``): one site of a model that need not
+    exist, as one rank of a tensor-parallel split holds it."""
+
+    module_type: str
+    out_features: int
+    """m, global."""
+    in_features: int
+    """n, global."""
+    kind: ShardKind = ShardKind.REPLICATED
+    tp: int = 1
+    """Ranks of the split (1: replicated)."""
+    layers: int = 1
+    """Sites of this module type in the whole model (state shared by a module type, FRoD's bases)."""
+    weight_bytes: int = 2
+    """Bytes per element of the frozen W (2: bf16)."""
+
+    @property
+    def m_local(self) -> int:
+        return self.out_features // self.tp if self.kind is ShardKind.COLUMN else self.out_features
+
+    @property
+    def n_local(self) -> int:
+        return self.in_features // self.tp if self.kind is ShardKind.ROW else self.in_features
 
 
 @dataclass(frozen=True)
@@ -144,6 +171,38 @@ class Adapter(nn.Module, abc.ABC):
     def buffer_layouts(self) -> dict[str, ParamLayout]:
         """The layout of each tensor in ``buffer_names`` (for gathering them into adapter files). Default: none."""
         return {}
+
+    # Accounting (``dist_peft.accounting``): what one site costs, declared beside the math so that the planner's and
+    # the profiler's figures change where the method changes. Shapes are one rank's (``SiteShape.m_local``, ...).
+
+    @classmethod
+    def trainable_numel(cls, shape: SiteShape, cfg: Any) -> int:
+        """Elements of this site's trainable tensors on one rank (``trainable_names``, local shards)."""
+        raise NotImplementedError(f"{cls.__name__} declares no trainable_numel")
+
+    @classmethod
+    def buffer_bytes(cls, shape: SiteShape, cfg: Any) -> tuple[int, int]:
+        """(bytes of this site's own non-trainable state on one rank, bytes of state shared by all sites of its
+        module type on one rank, counted once). Default: none."""
+        return 0, 0
+
+    @classmethod
+    def extra_flops(cls, shape: SiteShape, tokens: int, cfg: Any) -> tuple[int, int]:
+        """(forward, backward) FLOPs of the update for ``tokens`` tokens through this site on one rank, beyond the
+        frozen base's GEMMs. Default, a two-factor update y += B(Ax) with P = trainable_numel: 2PT forward,
+        4PT backward (input and weight gradients)."""
+        p = cls.trainable_numel(shape, cfg)
+        return 2 * p * tokens, 4 * p * tokens
+
+    @classmethod
+    def step_flops(cls, shape: SiteShape, cfg: Any) -> int:
+        """FLOPs of between-step work per optimizer step (merges, solves, QR), averaged over its interval."""
+        return 0
+
+    @classmethod
+    def width_costs(cls, shape: SiteShape, cfg: Any) -> tuple[str, ...]:
+        """Costs that grow faster than the site's m·n (n³, n² per module type): one line each, to be flagged."""
+        return ()
 
     @classmethod
     def prepare(cls, sites: Sequence[Site], cfg: Any, specs: Mapping[str, ShardSpec | None] | None = None,

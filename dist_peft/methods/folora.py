@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dist_peft.methods.base import Adapter, Controller, ParamLayout, Site, StepContext, register_method
+from dist_peft.methods.base import Adapter, Controller, ParamLayout, Site, SiteShape, StepContext, register_method
 from dist_peft.parallel import collectives
 from dist_peft.parallel.shard import ShardKind, ShardSpec
 
@@ -398,6 +398,25 @@ class FoloraAdapter(Adapter):
         split = kind is not ShardKind.REPLICATED
         return {"folora_U": ParamLayout(0 if kind is ShardKind.COLUMN else None, kind is ShardKind.ROW),
                 "folora_V": ParamLayout(None, split), "folora_G": ParamLayout(None, split)}
+
+    @classmethod
+    def trainable_numel(cls, shape: SiteShape, cfg: FoloraConfig) -> int:
+        """U (m_local x r), the full V (r x n) and G (T x (n//2 + 1))."""
+        return cfg.r * (shape.m_local + shape.in_features) + cfg.num_tasks * (shape.in_features // 2 + 1)
+
+    @classmethod
+    def buffer_bytes(cls, shape: SiteShape, cfg: FoloraConfig) -> tuple[int, int]:
+        """The bin owners ``folora_bins`` (n//2 + 1, int64)."""
+        return 8 * (shape.in_features // 2 + 1), 0
+
+    @classmethod
+    def extra_flops(cls, shape: SiteShape, tokens: int, cfg: FoloraConfig) -> tuple[int, int]:
+        """LoRA's GEMMs on the local V_t columns, 2r(n_local + m_local) per token forward and twice that backward,
+        plus the filters of all T tasks once per forward: rfft and irfft of V (≈ 5 r n log₂ n, the same again in
+        backward)."""
+        lora = cfg.r * (shape.n_local + shape.m_local) * tokens
+        fft = 5 * cfg.num_tasks * cfg.r * shape.in_features * max(1, shape.in_features.bit_length() - 1)
+        return 2 * lora + fft, 4 * lora + fft
 
     def task_bins(self, task: int) -> Tensor:
         return (self.folora_bins == task).nonzero().squeeze(1)

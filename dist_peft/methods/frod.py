@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dist_peft.methods.base import Adapter, ParamLayout, Site, register_method
+from dist_peft.methods.base import Adapter, ParamLayout, Site, SiteShape, register_method
 from dist_peft.ops.sparse_latent import CsrPattern, csr_pattern, latent_update, off_diagonal_pattern, with_diagonal
 from dist_peft.parallel.hjd_cache import hjd_bases
 from dist_peft.parallel.shard import ShardKind, ShardSpec
@@ -194,6 +194,38 @@ class FrodAdapter(Adapter):
 
     def optimizer_overrides(self) -> dict[str, dict[str, float]]:
         return {"frod_s": {"lr": self.cfg.s_lr}} if self.cfg.s_lr is not None else {}
+
+    @staticmethod
+    def _latent(shape: SiteShape, cfg: FrodConfig) -> tuple[int, int]:
+        """(d, k): the latent dimension (n input side, m output side; global, V is replicated) and |S|."""
+        d = shape.out_features if shape.module_type in cfg.output_side_modules else shape.in_features
+        return d, min(int(cfg.sparse_rate * d * d), d * d - d)
+
+    @classmethod
+    def trainable_numel(cls, shape: SiteShape, cfg: FrodConfig) -> int:
+        """Σ_i (d) and the k values of S_i, replicated over a split."""
+        d, k = cls._latent(shape, cfg)
+        return d + k
+
+    @classmethod
+    def buffer_bytes(cls, shape: SiteShape, cfg: FrodConfig) -> tuple[int, int]:
+        """Per site σ⁰ (d fp32); per module type the ``FrodBasis``: F and F⁻¹ (2 d² fp32) and its int64 index
+        tensors (pattern 2k, order and the CSR pattern of N and its transpose 5(d + k) + 2(d + 1))."""
+        d, k = cls._latent(shape, cfg)
+        return 4 * d, 8 * d * d + 8 * (2 * k + 5 * (d + k) + 2 * (d + 1))
+
+    @classmethod
+    def extra_flops(cls, shape: SiteShape, tokens: int, cfg: FrodConfig) -> tuple[int, int]:
+        """ops/sparse_latent.py: 4d² + 2(d + k) per token forward, 4d² + 4(d + k) backward."""
+        d, k = cls._latent(shape, cfg)
+        return (4 * d * d + 2 * (d + k)) * tokens, (4 * d * d + 4 * (d + k)) * tokens
+
+    @classmethod
+    def width_costs(cls, shape: SiteShape, cfg: FrodConfig) -> tuple[str, ...]:
+        d, _ = cls._latent(shape, cfg)
+        return (f"{shape.module_type}: FRoD's basis F, F⁻¹ is {d}x{d} fp32 ({8 * d * d / 2**30:.2f} GiB per rank, "
+                f"once per module type), 8·d² FLOPs per token (d = {d}) and an O(d³) joint decomposition "
+                f"(`dist-peft precompute`)",)
 
     @classmethod
     def prepare(cls, sites: Sequence[Site], cfg: FrodConfig, specs: Mapping[str, ShardSpec | None] | None = None,

@@ -89,7 +89,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from dist_peft.methods.base import Adapter, Controller, ParamLayout, Site, StepContext, register_method
+from dist_peft.methods.base import Adapter, Controller, ParamLayout, Site, SiteShape, StepContext, register_method
 from dist_peft.ops.dct import dct, dct_basis, dct_packed, idct, idct_packed, packed_index, packed_size
 from dist_peft.parallel.shard import ShardKind, ShardSpec
 
@@ -531,6 +531,28 @@ class LocaAdapter(Adapter):
     def param_layouts(self) -> dict[str, ParamLayout]:
         partial = self.spec.kind is not ShardKind.REPLICATED
         return {"loca_coef": ParamLayout(None, partial), "loca_loc": ParamLayout(None, partial)}
+
+    @classmethod
+    def trainable_numel(cls, shape: SiteShape, cfg: LocaConfig) -> int:
+        """a (B) and l (2 x B), whole on every shard."""
+        return 3 * cfg.n_frequency
+
+    @classmethod
+    def extra_flops(cls, shape: SiteShape, tokens: int, cfg: LocaConfig) -> tuple[int, int]:
+        """The spectral path in FLOPs (a real-FFT DCT of length N ≈ 2.5 N log₂ N): forward the DCT of x (n) and the
+        inverse DCT of the scattered spectrum (m) plus 2B gathers; backward the same two transforms of the output
+        gradient plus 4B sampled products (16B while locations learn). The other paths are chosen only when the
+        cost model finds them cheaper (``path_costs``)."""
+        m, n = shape.out_features, shape.in_features
+        fft = int(2.5 * (m * math.log2(max(m, 2)) + n * math.log2(max(n, 2))))
+        b = cfg.n_frequency
+        return (fft + 2 * b) * tokens, (fft + (16 if cfg.learns_locations else 4) * b) * tokens
+
+    @classmethod
+    def width_costs(cls, shape: SiteShape, cfg: LocaConfig) -> tuple[str, ...]:
+        m, n = shape.out_features, shape.in_features
+        return (f"{shape.module_type}: LoCA runs full-length DCTs of n = {n} and m = {m} per token on every rank "
+                f"(memory-bound FFTs, not GEMMs); the dense path would cache an m_local x n_local fp32 ΔW",)
 
     def optimizer_overrides(self) -> dict[str, dict[str, float]]:
         return {"loca_loc": {"lr": self.cfg.loc_lr, "weight_decay": 0.0}}

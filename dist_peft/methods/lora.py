@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dist_peft.methods.base import Adapter, ParamLayout, Site, register_method
+from dist_peft.methods.base import Adapter, ParamLayout, Site, SiteShape, register_method
 from dist_peft.parallel.shard import ShardKind, ShardSpec
 
 
@@ -80,6 +80,11 @@ class LoraAdapter(Adapter):
             "lora_A": ParamLayout(1 if kind is ShardKind.ROW else None, kind is ShardKind.COLUMN),
             "lora_B": ParamLayout(0 if kind is ShardKind.COLUMN else None, kind is ShardKind.ROW),
         }
+
+    @classmethod
+    def trainable_numel(cls, shape: SiteShape, cfg: LoraConfig) -> int:
+        """A (r x n_local) and B (m_local x r); the update's FLOPs are the base class's two-factor default."""
+        return cfg.r * (shape.n_local + shape.m_local)
 
     @staticmethod
     def peft_config(cfg: LoraConfig, target_modules: list[str]) -> dict[str, Any]:

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dist_peft.methods.base import Controller, ParamLayout, Site, StepContext, register_method
+from dist_peft.methods.base import Controller, ParamLayout, Site, SiteShape, StepContext, register_method
 from dist_peft.methods.lora import LoraAdapter, LoraConfig
 from dist_peft.ops.qr import Reduce, cholesky_qr2, low_rank_svd, sum_partial_grams
 from dist_peft.parallel.shard import ShardKind, ShardSpec
@@ -238,6 +238,23 @@ class OdLoraAdapter(LoraAdapter):
         return {"Q_A": ParamLayout(0 if kind is ShardKind.ROW else None, False),
                 "Q_B": ParamLayout(0 if kind is ShardKind.COLUMN else None, False),
                 "od_form": ParamLayout(None, False)}
+
+    @classmethod
+    def buffer_bytes(cls, shape: SiteShape, cfg: OdLoraConfig) -> tuple[int, int]:
+        """Q_A (n_local x r), Q_B (m_local x r) and the form flag, fp32."""
+        return 4 * (cfg.r * (shape.n_local + shape.m_local) + 1), 0
+
+    @classmethod
+    def extra_flops(cls, shape: SiteShape, tokens: int, cfg: OdLoraConfig) -> tuple[int, int]:
+        """The OD form (Phase II) is a rank-2r product [Q_B | B][A ; Q_Aᵀ] x: 4PT forward; backward the 2r-wide
+        input gradient (4PT) plus the gradients of A and B only (2PT), P = r(n + m) local."""
+        p = cls.trainable_numel(shape, cfg)
+        return 4 * p * tokens, 6 * p * tokens
+
+    @classmethod
+    def step_flops(cls, shape: SiteShape, cfg: OdLoraConfig) -> int:
+        """A refresh at most every step: Cholesky-QR2 of Aᵀ (n x r) and B (m x r), ≈ 8 r² (n + m)."""
+        return 8 * cfg.r * cfg.r * (shape.n_local + shape.m_local)
 
     @torch.no_grad()
     def load_full(self, full: Mapping[str, Tensor]) -> None:

@@ -55,7 +55,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from dist_peft.methods.base import Controller, StepContext, register_method
+from dist_peft.methods.base import Controller, SiteShape, StepContext, register_method
 from dist_peft.methods.lora import LoraAdapter, LoraConfig
 from dist_peft.ops.qr import sum_partial_grams
 from dist_peft.ops.small_solve import COLUMN, SCALAR, SKIP, optimal_scaling, scaling_system
@@ -78,6 +78,13 @@ class ScaLoraConfig(LoraConfig):
     """v counts as non-negative when v >= -nonneg_tol · max|v| (G7)."""
     fp32_merge: bool = False
     """Merge into an fp32 master copy of each adapted weight that is not stored in fp32 (G11)."""
+    solver: str = "nnls"
+    """How the column scaling meets α², β² >= 0 (issue 18): ``nnls``, the exact minimiser of Eq. 10 in every layer
+    (Lawson–Hanson; equal to ``paper`` where v >= 0 and never worse); ``paper``, Theorem 5 where v >= 0, else
+    Theorem 3's scalar fallback (to reproduce the paper)."""
+    merge_log_mib: float = 64.0
+    """Memory budget (MiB per rank) of the replay logs of all adapted weights together: each weight's log may hold
+    its share (budget / weights, and at most half of W's bytes) before that weight's checkpoint becomes dense."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,32 +94,41 @@ class ScaLoraConfig(LoraConfig):
             raise ValueError(f"lipschitz: must be a positive finite number, got {self.lipschitz}")
         if not 0.0 <= self.nonneg_tol < 1.0:
             raise ValueError(f"nonneg_tol: must be in [0, 1), got {self.nonneg_tol}")
+        if self.solver not in ("nnls", "paper"):
+            raise ValueError(f"solver: must be 'nnls' or 'paper', got {self.solver!r}")
+        if not (self.merge_log_mib >= 0 and math.isfinite(self.merge_log_mib)):
+            raise ValueError(f"merge_log_mib: must be a finite number >= 0, got {self.merge_log_mib}")
 
 
 class MergedDelta:
     """What has been merged into one frozen weight W (local shard): W = W0 + Σ_k left_k right_k, applied in place
-    with ``addmm_`` and kept as a replay log (or, once too long, as the merged weight itself) for checkpoints."""
+    with ``addmm_`` and kept as a replay log for checkpoints, or, once the log would pass ``log_bytes`` (capped at
+    half of W's bytes), as the merged weight itself. Every tensor it holds or replays is put on W's device; the
+    replay runs in the live merge's dtype (W's, or the fp32 master's), so it rebuilds W bitwise."""
 
-    def __init__(self, weight: Tensor, fp32_master: bool):
+    def __init__(self, weight: Tensor, fp32_master: bool, log_bytes: int):
         self.weight = weight
         self.use_master = fp32_master and weight.dtype != torch.float32
         self.master: Tensor | None = None
         self.lefts: list[Tensor] = []
         self.rights: list[Tensor] = []
-        self.dense = False  # True once the log was dropped: the checkpoint holds the merged weight
+        self.log_bytes = min(log_bytes, weight.numel() * weight.element_size() // 2)  # W whole here (not yet
+        self.dense = False  # True once the log was dropped: the checkpoint holds the merged weight  # partitioned)
 
     @torch.no_grad()
     def add(self, left: Tensor, right: Tensor) -> None:
         if self.use_master and self.master is None:
             self.master = self.weight.float()  # exact copy of W0 (bf16/fp16 → fp32 is exact)
         target = self.master if self.master is not None else self.weight
+        left = left.to(device=target.device)
+        right = right.to(device=target.device, copy=True)  # the caller rescales its factor next
         target.addmm_(left.to(target.dtype), right.to(target.dtype))
         if self.master is not None:
             self.weight.copy_(self.master)
         if not self.dense:
             self.lefts.append(left)
-            self.rights.append(right.clone())  # the caller rescales its factor next
-            if len(self.lefts) * right.shape[0] * sum(self.weight.shape) > self.weight.numel() // 2:
+            self.rights.append(right)
+            if sum(t.numel() * t.element_size() for t in self.lefts + self.rights) > self.log_bytes:
                 self.lefts, self.rights, self.dense = [], [], True
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -124,13 +140,13 @@ class MergedDelta:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Tensor], r: int) -> None:
-        """Rebuild W from the fresh W0: copy the merged weight, or replay the log with the live kernels."""
+        """Rebuild W from the fresh W0 (checkpoint tensors arrive on the CPU): copy the merged weight, or replay the
+        log with the live kernels, both on W's device."""
         if "weight" in state:
+            merged = state["weight"].to(device=self.weight.device)
             if self.use_master:
-                self.master = state["weight"].float().clone()
-            (self.master if self.master is not None else self.weight).copy_(state["weight"])
-            if self.master is not None:
-                self.weight.copy_(self.master)
+                self.master = merged.to(torch.float32, copy=True)
+            self.weight.copy_(merged)
             self.dense = True
         elif "left" in state:
             for left, right in zip(state["left"].split(r, 1), state["right"].split(r, 0)):
@@ -255,3 +271,28 @@ class ScaLoraAdapter(LoraAdapter):
     def peft_config(cfg: ScaLoraConfig, target_modules: list[str]) -> None:
         """No PEFT equivalent: A and B alone miss the merged part of W."""
         return None
+
+    @classmethod
+    def buffer_bytes(cls, shape: SiteShape, cfg: ScaLoraConfig) -> tuple[int, int]:
+        """Peak of ``MergedDelta``: the fp32 factor log grows to m·n/2 elements (2 bytes per weight element) before
+        it is dropped, plus the fp32 master copy (4 bytes per element) with ``fp32_merge`` on a non-fp32 weight."""
+        mn = shape.m_local * shape.n_local
+        master = 4 * mn if cfg.fp32_merge and shape.weight_bytes != 4 and cfg.interval else 0
+        return (2 * mn if cfg.interval else 0) + master, 0
+
+    @classmethod
+    def step_flops(cls, shape: SiteShape, cfg: ScaLoraConfig) -> int:
+        """Every ``interval`` steps: the merge W += L R (2 m n r), five r x r Grams of the factors and gradients
+        (10 r² (m + n)) and the 2r x 2r solve (≈ 8 (2r)³ / 3)."""
+        if not cfg.interval:
+            return 0
+        m, n, r = shape.m_local, shape.n_local, cfg.r
+        return (2 * m * n * r + 10 * r * r * (m + n) + 8 * (2 * r) ** 3 // 3) // cfg.interval
+
+    @classmethod
+    def width_costs(cls, shape: SiteShape, cfg: ScaLoraConfig) -> tuple[str, ...]:
+        if not cfg.interval:
+            return ()
+        return (f"{shape.module_type}: ScaLoRA's merge log grows to m·n/2 fp32 values per site (2 B per weight "
+                f"element{', + 4 B fp32 master' if cfg.fp32_merge and shape.weight_bytes != 4 else ''}) and the "
+                f"merge costs 2·m·n·r every {cfg.interval} step(s)",)

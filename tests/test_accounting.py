@@ -1,0 +1,134 @@
+"""Accounting (dist_peft/accounting) against independent counts: transformers' own models built on the meta
+device, the real adapters' tensors, and megatron-core's layers built through the engine's own import path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dist_peft.accounting import ModelShape, executed_flops, flop_breakdown, model_flops, param_counts
+from dist_peft.accounting.presets import check_folder, load_preset, preset_names
+from dist_peft.methods.base import SiteShape, get_method
+from dist_peft.methods.frod import FrodAdapter
+from dist_peft.methods.base import Site
+from dist_peft.parallel.shard import ShardKind, ShardSpec
+
+METHODS = ("lora", "loca", "folora", "frod", "odlora", "scalora")
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _hf_meta_model(fields: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**fields)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def test_presets_cover_the_issue_models():
+    """Every model of issue 12 has a preset, and Mistral-Nemo's head_dim differs from hidden / heads."""
+    assert {"llama-3.1-8b", "llama-3.1-70b", "llama-3.3-70b", "mistral-nemo-base-2407", "qwen2.5-14b",
+            "qwen2.5-32b", "qwen2.5-72b"} <= set(preset_names())
+    nemo = ModelShape.from_hf(load_preset("mistral-nemo-base-2407"))
+    assert nemo.head_dim == 128 and nemo.heads * nemo.head_dim == 4096 != nemo.hidden
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_param_count_equals_transformers_meta_model(name):
+    """The parameter count from the shape formulas equals transformers' model of the preset (exact integers),
+    and so does every projection's (m, n) and the bias layout (Qwen2's q/k/v biases)."""
+    fields = load_preset(name)
+    shape = ModelShape.from_hf(fields)
+    model = _hf_meta_model(fields)
+    assert shape.param_count() == sum(p.numel() for p in model.parameters())
+    layer = model.model.layers[0]
+    for module_type, (m, n) in shape.site_dims().items():
+        linear = getattr(layer.self_attn if module_type in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp,
+                         module_type)
+        assert tuple(linear.weight.shape) == (m, n), module_type
+        assert (linear.bias is not None) == (shape.qkv_bias if module_type in ("q_proj", "k_proj", "v_proj")
+                                             else False), module_type
+
+
+def test_bias_and_tied_variants_match_transformers():
+    """Llama's attention_bias (q/k/v/o) and mlp_bias, and tied embeddings, counted as transformers builds them."""
+    small = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}
+    for extra in ({"attention_bias": True, "mlp_bias": True}, {"tie_word_embeddings": True},
+                  {"model_type": "qwen2", "tie_word_embeddings": True}, {"model_type": "mistral", "head_dim": 8}):
+        fields = {**small, **extra}
+        assert ModelShape.from_hf(fields).param_count() == sum(
+            p.numel() for p in _hf_meta_model(fields).parameters()), extra
+
+
+def test_preset_folder_check_names_the_differing_field(tmp_path):
+    """A weights folder whose config.json matches passes; one layer more is refused naming the field."""
+    fields = load_preset("llama-3.1-70b")
+    (tmp_path / "config.json").write_text(json.dumps({**fields, "max_position_embeddings": 8192}))
+    check_folder("llama-3.1-70b", tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**fields, "num_hidden_layers": 81}))
+    with pytest.raises(ValueError, match="layers: preset 80, folder 81"):
+        check_folder("llama-3.1-70b", tmp_path)
+
+
+def test_model_flops_is_megatrons_formula_term_by_term():
+    """Megatron's expansion-factor form (12·B·s·L·h²·(...)) for SwiGLU + GQA, written independently."""
+    s = ModelShape.from_hf(load_preset("mistral-nemo-base-2407"))
+    b, seq = 3, 4096
+    h, L, n, g, d, f, V = s.hidden, s.layers, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.vocab
+    q_ratio = n * d / h
+    expected = 12 * b * seq * L * h * h * ((1 + g / n + seq / h / 2) * q_ratio + 1.5 * f / h + V / (2 * L * h))
+    assert model_flops(s, b * seq, seq) == pytest.approx(expected, rel=1e-12)
+
+
+def test_executed_flops_is_4n_frozen_plus_adapter_and_attention():
+    """LoRA on every projection: 4·N_matmul·T + 6·N_lora·T + attention, and recompute adds one forward."""
+    from types import SimpleNamespace
+
+    from dist_peft.methods.lora import LoraConfig
+
+    s = ModelShape.from_hf(load_preset("llama-3.1-70b"))
+    method = SimpleNamespace(name="lora", options=LoraConfig(r=16), target_modules=tuple(ALL))
+    T, seq = 8192, 4096
+    counts = param_counts(s, method)
+    assert counts.total == 70_553_706_496 and counts.trainable == 207_093_760
+    attn = 6 * T * seq * s.heads * s.head_dim * s.layers
+    assert executed_flops(s, T, seq, method) == 4 * s.matmul_params() * T + 6 * counts.trainable * T + attn
+    full = flop_breakdown(s, T, seq, method, SimpleNamespace(granularity="full", method="uniform", num_layers=1))
+    layer_fwd = 2 * T * (s.matmul_params() - s.vocab * s.hidden)
+    assert full.recompute == layer_fwd + attn // 3 + 2 * counts.trainable * T
+
+
+def _site(module_type, m, n, spec):
+    w = torch.randn(m, n)
+    local = spec.shard(w, spec.weight_dim) if spec.weight_dim is not None else w
+    return Site(f"layers.0.{module_type}", module_type, 0, m, n, local)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind,module_type", [("replicated", "q_proj"), ("column", "gate_proj"), ("row", "o_proj"),
+                                              ("row", "down_proj")])
+def test_declared_numel_and_buffers_equal_the_adapters_tensors(method, kind, module_type):
+    """Each method's trainable_numel and per-site buffer_bytes equal the tensors its adapter builds on a shard
+    of a 24 x 16 (or 16 x 24) site under a 2-way split (FRoD's shared basis: the FrodBasis tensors)."""
+    entry = get_method(method)
+    cfg = entry.config_cls(**({"n_frequency": 20} if method == "loca" else {}))
+    m, n = (16, 24) if module_type in ("o_proj", "down_proj") else (24, 16)
+    spec = ShardSpec() if kind == "replicated" else ShardSpec(kind, 1, 2)
+    site = _site(module_type, m, n, spec)
+    kwargs = {}
+    if method == "frod":  # the basis is replicated: prepare on the whole weights of 2 layers (as test_frod does)
+        whole = [Site(f"layers.{i}.{module_type}", module_type, i, m, n, torch.randn(m, n)) for i in range(2)]
+        kwargs = FrodAdapter.prepare(whole, cfg)[whole[0].name]
+    adapter = entry.adapter_cls(site, spec, cfg, **kwargs)
+    shape = SiteShape(module_type, m, n, spec.kind, spec.size, 2, 4)
+    assert entry.adapter_cls.trainable_numel(shape, cfg) == sum(getattr(adapter, t).numel()
+                                                                for t in adapter.trainable_names)
+    own, shared = entry.adapter_cls.buffer_bytes(shape, cfg)
+    basis = getattr(adapter, "basis", None)
+    basis_bytes = sum(b.nbytes for b in basis.buffers()) if basis is not None else 0
+    own_bytes = sum(b.nbytes for name, b in adapter.named_buffers() if not name.startswith("basis."))
+    if method != "scalora":  # ScaLoRA's declared bytes are the merge log's peak, built during training
+        assert (own, shared) == (own_bytes, basis_bytes)
