@@ -13,7 +13,8 @@ Notation map (ours: HF PEFT, y = Wx + s B A x, A = lora_A: r x n, B = lora_B: m 
     paper α scales the columns of A_p = columns of lora_B; paper β scales the columns of B_p = rows of lora_A.
     A_pᵀA_p = BᵀB,  B_pᵀB_p = A Aᵀ,  PᵀP = gBᵀ gB,  QᵀQ = gA gAᵀ,  K = A_pᵀ P = Qᵀ B_p = Bᵀ gB = gA Aᵀ.
 The optimal α, β come from ``ops.small_solve``: M v = λ (2r x 2r, Theorem 5 with the erratum S^B = [GᵀA, B]), column
-scaling α = √(v_A / c), β = √(v_B / c) when v >= 0, else the scalar scaling of Theorem 3; c = L η s² (Decision G4:
+scaling α = √(v_A / c), β = √(v_B / c) when v >= 0; otherwise (issue 18) solver ``nnls`` takes the exact minimiser of
+Eq. 10 over v >= 0 (Lawson–Hanson) and solver ``paper`` the scalar scaling of Theorem 3; c = L η s² (Decision G4:
 with W = W^pt + s A_p B_pᵀ the GD step on W is η s² (G B_p B_pᵀ + A_p A_pᵀ G), so s² joins L η). The gradients
 carry the factor s too; v is invariant to scaling G, so they serve as P and Q directly.
 
@@ -32,11 +33,21 @@ Decisions:
   adapted weight that is not fp32 (+4 bytes/weight), so bf16 weights do not drop increments below their ulp.
   Decision (G17, issue): checkpoints carry the merged part. ``Controller.state_dict`` holds each layer's merges as
   a replay log of factor pairs (left = s B diag(1 − α⊙β): m x r, right = A: r x n), replayed on the fresh W with
-  the same kernels, so a resumed run rebuilds W bitwise; once a layer's log would exceed half of W's size, the
-  log is dropped and the checkpoint holds that layer's merged weight instead (dense, still exact). Adapter files
-  hold A and B only: they do not reproduce a ScaLoRA model; export the merged model from a checkpoint. The merge
-  runs inside ``StepContext.gathered(weights, modify=True)`` (whole weights where an engine partitions them);
-  the checkpoint replay in ``load_state_dict`` has no such context (not supported under ZeRO-3).
+  the same kernels (on W's device, in the live merge's dtype), so a resumed run rebuilds W bitwise. Decision
+  (issue 17): the logs are bounded by bytes, ``merge_log_mib`` for all layers of a rank together (each layer its
+  share, and at most half of W's bytes); a layer whose log would pass it drops the log and its checkpoint holds the
+  merged weight instead (dense, still exact). Adapter files hold A and B only: they do not reproduce a ScaLoRA
+  model; export the merged model from a checkpoint. Each layer's merge runs inside its own
+  ``StepContext.gathered([W], modify=True)`` (under ZeRO-3 one whole W at a time); the checkpoint replay in
+  ``load_state_dict`` needs none: the Trainer restores before an engine partitions the model.
+  Decision (issue 17, ``fp32_merge``): the master is one fp32 copy of each adapted weight *as this rank holds W*
+  (its TP/PP shard; replicated over data-parallel ranks, like W). It must persist between transforms (it carries
+  the sub-ulp increments), and every rank must write its whole W from it without communication, so it cannot be
+  one layer at a time. Sharding it over the data-parallel ranks needs the engine: under ZeRO-3 each rank would
+  keep the fp32 master of its own partition of W and merge into that partition directly (no gather at all),
+  which needs a partition accessor in ``integrations/deepspeed.py``; elsewhere it would cost an all-gather of W
+  per transform. So with ``fp32_merge`` under ZeRO-3 a rank holds 4 bytes per adapted weight element (see
+  docs/methods/scalora.md); leave it off there unless that fits.
 
 Sharding (the LoRA layout; specs/scalora.md §6.1): column (m split): lora_B (= A_p) holds local rows, so BᵀB and
 gBᵀgB are partial sums; row (n split): lora_A (= B_pᵀ) holds local columns, so AAᵀ and gA gAᵀ are partial. K is
@@ -58,7 +69,7 @@ from torch import Tensor
 from dist_peft.methods.base import Controller, SiteShape, StepContext, register_method
 from dist_peft.methods.lora import LoraAdapter, LoraConfig
 from dist_peft.ops.qr import sum_partial_grams
-from dist_peft.ops.small_solve import COLUMN, SCALAR, SKIP, optimal_scaling, scaling_system
+from dist_peft.ops.small_solve import ACTIVE, COLUMN, SCALAR, SKIP, optimal_scaling, scaling_system
 from dist_peft.parallel.shard import ShardKind
 
 
@@ -112,8 +123,9 @@ class MergedDelta:
         self.master: Tensor | None = None
         self.lefts: list[Tensor] = []
         self.rights: list[Tensor] = []
-        self.log_bytes = min(log_bytes, weight.numel() * weight.element_size() // 2)  # W whole here (not yet
-        self.dense = False  # True once the log was dropped: the checkpoint holds the merged weight  # partitioned)
+        # W is whole here: the controller is built before an engine partitions the model.
+        self.log_bytes = min(log_bytes, weight.numel() * weight.element_size() // 2)
+        self.dense = False  # True once the log was dropped: the checkpoint holds the merged weight
 
     @torch.no_grad()
     def add(self, left: Tensor, right: Tensor) -> None:
@@ -189,10 +201,15 @@ class ScaLoraController(Controller):
         super().__init__(adapters)
         self.cfg: ScaLoraConfig = next(iter(self.adapters.values())).cfg
         self.counts: Counter = Counter()
-        """Layers scaled column-wise / by the scalar fallback, skipped layers by reason, skipped steps."""
+        """Layers scaled column-wise (v >= 0) / at the NNLS optimum with a binding bound (``active``) / by the
+        scalar fallback (``scalar``), skipped layers (``skipped``), skipped steps (``lr_zero``); this run's."""
+        self.step_metrics: dict[str, int] = {}
+        """``counts`` as ``scalora_<kind>``, joined to every step's log record by the loop."""
         self.partial_sum = sum_partial_grams
         """Sums partial Grams over their split (tests substitute a sum over virtual shards)."""
-        self.merged = {name: MergedDelta(a.site.weight, self.cfg.fp32_merge) for name, a in self.adapters.items()}
+        share = int(self.cfg.merge_log_mib * 2 ** 20) // len(self.adapters)
+        self.merged = {name: MergedDelta(a.site.weight, self.cfg.fp32_merge, share)
+                       for name, a in self.adapters.items()}
 
     def _warn(self, kind: str, count: int, what: str) -> None:
         self.counts[kind] += count
@@ -204,8 +221,9 @@ class ScaLoraController(Controller):
             return
         if not (ctx.lr > 0 and math.isfinite(ctx.lr)):
             self._warn("lr_zero", 1, f"step {ctx.step}: learning rate {ctx.lr} (no optimal scaling); skipped")
-            return
-        self.transform(ctx)
+        else:
+            self.transform(ctx)
+        self.step_metrics = {f"scalora_{k}": v for k, v in sorted(self.counts.items())}
 
     @torch.no_grad()
     def transform(self, ctx: StepContext) -> None:
@@ -215,25 +233,28 @@ class ScaLoraController(Controller):
         self.partial_sum([((a.site.name, i), a.spec, g[i]) for (_, a), g in zip(items, grams)
                           for i in _PARTIAL[a.spec.kind]])
         m, lam = scaling_system(*(torch.stack([g[i] for g in grams]) for i in range(5)))
-        c = self.cfg.lipschitz * ctx.lr * self.cfg.scale ** 2
-        alpha, beta, kind = optimal_scaling(m, lam, c, self.cfg.nonneg_tol, self.cfg.column_scaling)
-        kinds = kind.tolist()
-        todo = [(name, a, al, be) for (name, a), al, be, k in zip(items, alpha, beta, kinds) if k != SKIP]
-        with ctx.gathered([a.site.weight for _, a, _, _ in todo], modify=True):  # whole W under ZeRO-3
-            for name, a, al, be in todo:
+        cfg = self.cfg
+        c = cfg.lipschitz * ctx.lr * cfg.scale ** 2
+        alpha, beta, kind = optimal_scaling(m, lam, c, cfg.nonneg_tol, cfg.column_scaling, cfg.solver)
+        kinds = kind.tolist()  # the transform's one host sync (the solve adds one per 2r Lawson–Hanson iterations)
+        for (name, a), al, be, k in zip(items, alpha, beta, kinds):
+            if k != SKIP:
                 self._rescale(name, a, al, be, ctx)
-        self.counts["column"] += kinds.count(COLUMN)
-        self.counts["scalar"] += kinds.count(SCALAR)
+        for label, code in (("column", COLUMN), ("active", ACTIVE), ("scalar", SCALAR)):
+            self.counts[label] += kinds.count(code)
         skipped = [name for (name, _), k in zip(items, kinds) if k == SKIP]
         if skipped:
-            self._warn("skipped", len(skipped), f"step {ctx.step}: {len(skipped)} layer(s) skipped (zero gradient "
-                       f"or non-finite factors/system: {', '.join(skipped[:3])}{'…' if len(skipped) > 3 else ''})")
+            self._warn("skipped", len(skipped), f"step {ctx.step}: {len(skipped)} layer(s) skipped (zero gradient, "
+                       f"non-finite factors/system or an unconverged solve: {', '.join(skipped[:3])}"
+                       f"{'…' if len(skipped) > 3 else ''})")
 
     def _rescale(self, name: str, a: LoraAdapter, alpha: Tensor, beta: Tensor, ctx: StepContext) -> None:
         """Merge s B diag(1 − α⊙β) A into W, then B ← B diag α, A ← diag β A, their gradients (swapped factors)
-        and their Adam moments (Lemma 4)."""
+        and their Adam moments (Lemma 4). Decision (issue 17): W is gathered for its own merge only, so under
+        ZeRO-3 one adapted weight at a time is whole on a rank (one gather per weight, not the model at once)."""
         coef = (a.scale * (1 - alpha * beta)).to(a.lora_B.dtype)
-        self.merged[name].add(a.lora_B * coef, a.lora_A.detach())
+        with ctx.gathered([a.site.weight], modify=True):
+            self.merged[name].add(a.lora_B * coef, a.lora_A.detach())
         al, be = alpha.to(a.lora_B.dtype), beta.to(a.lora_A.dtype)
         a.lora_B.mul_(al)
         a.lora_A.mul_(be[:, None])
@@ -246,7 +267,7 @@ class ScaLoraController(Controller):
 
     def state_dict(self) -> dict[str, Tensor]:
         """The merged part of every layer: ``<site>/merge_left``, ``<site>/merge_right`` (replay log) or
-        ``<site>/merge_weight`` (the merged weight once the log grew past half of W)."""
+        ``<site>/merge_weight`` (the merged weight once the log grew past its byte budget)."""
         return {f"{name}/merge_{k}": v for name, delta in self.merged.items() for k, v in delta.state_dict().items()}
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
@@ -274,11 +295,14 @@ class ScaLoraAdapter(LoraAdapter):
 
     @classmethod
     def buffer_bytes(cls, shape: SiteShape, cfg: ScaLoraConfig) -> tuple[int, int]:
-        """Peak of ``MergedDelta``: the fp32 factor log grows to m·n/2 elements (2 bytes per weight element) before
-        it is dropped, plus the fp32 master copy (4 bytes per element) with ``fp32_merge`` on a non-fp32 weight."""
+        """Per site the fp32 master copy (4 bytes per element) with ``fp32_merge`` on a non-fp32 weight; shared, the
+        replay logs' budget (``merge_log_mib`` per rank over all weights, at most half of the weights' bytes):
+        counted once per module type, an upper bound."""
         mn = shape.m_local * shape.n_local
-        master = 4 * mn if cfg.fp32_merge and shape.weight_bytes != 4 and cfg.interval else 0
-        return (2 * mn if cfg.interval else 0) + master, 0
+        if not cfg.interval:
+            return 0, 0
+        master = 4 * mn if cfg.fp32_merge and shape.weight_bytes != 4 else 0
+        return master, min(int(cfg.merge_log_mib * 2**20), shape.layers * mn * shape.weight_bytes // 2)
 
     @classmethod
     def step_flops(cls, shape: SiteShape, cfg: ScaLoraConfig) -> int:
@@ -293,6 +317,5 @@ class ScaLoraAdapter(LoraAdapter):
     def width_costs(cls, shape: SiteShape, cfg: ScaLoraConfig) -> tuple[str, ...]:
         if not cfg.interval:
             return ()
-        return (f"{shape.module_type}: ScaLoRA's merge log grows to m·n/2 fp32 values per site (2 B per weight "
-                f"element{', + 4 B fp32 master' if cfg.fp32_merge and shape.weight_bytes != 4 else ''}) and the "
-                f"merge costs 2·m·n·r every {cfg.interval} step(s)",)
+        master = ", an fp32 master copy of W (4 B per element)" if cfg.fp32_merge and shape.weight_bytes != 4 else ""
+        return (f"{shape.module_type}: ScaLoRA merges into W (2·m·n·r FLOPs every {cfg.interval} step(s)){master}",)
