@@ -195,6 +195,12 @@ class Adapter(nn.Module, abc.ABC):
         return 2 * p * tokens, 4 * p * tokens
 
     @classmethod
+    def saved_bytes(cls, shape: SiteShape, cfg: Any, act_bytes: int) -> int:
+        """Bytes per token the update saves for backward beyond the site's input (which the accounting counts
+        once per input, shared by the sites that read it). Default: none."""
+        return 0
+
+    @classmethod
     def step_flops(cls, shape: SiteShape, cfg: Any) -> int:
         """FLOPs of between-step work per optimizer step (merges, solves, QR), averaged over its interval."""
         return 0

@@ -221,6 +221,11 @@ class FrodAdapter(Adapter):
         return (4 * d * d + 2 * (d + k)) * tokens, (4 * d * d + 4 * (d + k)) * tokens
 
     @classmethod
+    def saved_bytes(cls, shape: SiteShape, cfg: FrodConfig, act_bytes: int) -> int:
+        """z = a F (d values, fp32: the latent kernel computes in fp32), the kernel's only saved activation."""
+        return 4 * cls._latent(shape, cfg)[0]
+
+    @classmethod
     def width_costs(cls, shape: SiteShape, cfg: FrodConfig) -> tuple[str, ...]:
         d, _ = cls._latent(shape, cfg)
         return (f"{shape.module_type}: FRoD's basis F, F⁻¹ is {d}x{d} fp32 ({8 * d * d / 2**30:.2f} GiB per rank, "

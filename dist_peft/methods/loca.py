@@ -549,6 +549,12 @@ class LocaAdapter(Adapter):
         return (fft + 2 * b) * tokens, (fft + (16 if cfg.learns_locations else 4) * b) * tokens
 
     @classmethod
+    def saved_bytes(cls, shape: SiteShape, cfg: LocaConfig, act_bytes: int) -> int:
+        """The spectral path keeps the input spectrum D x (n, in the input's dtype), shared by the sites that read
+        the same input (counted here per site: an upper bound)."""
+        return act_bytes * shape.in_features
+
+    @classmethod
     def width_costs(cls, shape: SiteShape, cfg: LocaConfig) -> tuple[str, ...]:
         m, n = shape.out_features, shape.in_features
         return (f"{shape.module_type}: LoCA runs full-length DCTs of n = {n} and m = {m} per token on every rank "

@@ -86,6 +86,11 @@ class LoraAdapter(Adapter):
         """A (r x n_local) and B (m_local x r); the update's FLOPs are the base class's two-factor default."""
         return cfg.r * (shape.n_local + shape.m_local)
 
+    @classmethod
+    def saved_bytes(cls, shape: SiteShape, cfg: LoraConfig, act_bytes: int) -> int:
+        """The r-wide product A x, which B's gradient needs."""
+        return act_bytes * cfg.r
+
     @staticmethod
     def peft_config(cfg: LoraConfig, target_modules: list[str]) -> dict[str, Any]:
         """The ``adapter_config.json`` fields HF PEFT needs to load this adapter as a LoRA."""

@@ -252,6 +252,11 @@ class OdLoraAdapter(LoraAdapter):
         return 4 * p * tokens, 6 * p * tokens
 
     @classmethod
+    def saved_bytes(cls, shape: SiteShape, cfg: OdLoraConfig, act_bytes: int) -> int:
+        """The 2r-wide product [A ; Q_Aᵀ] x of the OD form."""
+        return act_bytes * 2 * cfg.r
+
+    @classmethod
     def step_flops(cls, shape: SiteShape, cfg: OdLoraConfig) -> int:
         """A refresh at most every step: Cholesky-QR2 of Aᵀ (n x r) and B (m x r), ≈ 8 r² (n + m)."""
         return 8 * cfg.r * cfg.r * (shape.n_local + shape.m_local)
