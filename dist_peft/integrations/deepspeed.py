@@ -71,13 +71,21 @@ from dist_peft.integrations.transformers import adapted_sites
 from dist_peft.methods.base import Controller, StepContext
 from dist_peft.parallel import collectives
 from dist_peft.parallel.runtime import ensure_process_group
+from dist_peft.profile.timer import NULL_TIMER
 from dist_peft.train import checkpoint as ckpt
 from dist_peft.train.config import RunConfig
-from dist_peft.train.optim_state import OptimizerState
+from dist_peft.train.optim_state import FIRST_MOMENTS, SECOND_MOMENTS, OptimizerState
 
 
 def ds_config(cfg: RunConfig, world: int) -> dict[str, Any]:
-    """The DeepSpeed config of a run: batch sizes, clipping, precision and ZeRO options from ``cfg``."""
+    """The DeepSpeed config of a run: batch sizes, clipping and ZeRO options from ``cfg``.
+
+    Decision (issue 17, adapters stay fp32): DeepSpeed's ``bf16``/``fp16`` modes are never turned on. They cast the
+    whole module, adapters included, to 16 bits (FRoD's Σ − σ⁰ is then non-zero at init, LoCA's locations
+    quantise, gradients are reduced in bf16). Instead the frozen weights keep ``model.dtype`` (bf16 at scale), the
+    adapters keep the fp32 their constructors give them, ``train.precision: bf16`` is the loop's autocast (as in
+    the plain engine), and DeepSpeed, seeing fp32 trainable tensors, keeps fp32 master weights, fp32 gradients
+    and fp32 reductions (``communication_data_type`` stated, not left to the default)."""
     t, z = cfg.train, cfg.deepspeed
     zero: dict[str, Any] = {"stage": z.zero_stage}
     for ours, theirs in (("reduce_bucket_size", "reduce_bucket_size"),
@@ -89,7 +97,7 @@ def ds_config(cfg: RunConfig, world: int) -> dict[str, Any]:
             zero[theirs] = getattr(z, ours)
     return {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum,
             "train_batch_size": t.micro_batch_size * t.grad_accum * world,
-            "gradient_clipping": t.max_grad_norm or 0.0, "bf16": {"enabled": t.precision == "bf16"},
+            "gradient_clipping": t.max_grad_norm or 0.0, "communication_data_type": "fp32",
             "zero_optimization": zero, "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
 
 
@@ -182,6 +190,23 @@ class ZeroOptimizerState(OptimizerState):
         else:
             safe_set_full_optimizer_state(param, value.to(torch.float32), key)
 
+    @torch.no_grad()
+    def scale_moments_(self, param: Tensor, factor: Tensor) -> None:
+        """As ``OptimizerState.scale_moments_``, on this rank's part of each moment only: the factor broadcast to the
+        whole shape is sliced like the state (no collective; issue 17)."""
+        from deepspeed.utils import safe_get_local_optimizer_state
+
+        state = self._state(param)  # links the ZeRO-1/2 fragments
+        for keys, power in ((FIRST_MOMENTS, 1), (SECOND_MOMENTS, 2)):
+            for key in (k for k in keys if k in state):
+                whole = (factor.to(torch.float32) ** power).expand(_full_shape(param)).reshape(-1)
+                if hasattr(param, "ds_id"):
+                    local = safe_get_local_optimizer_state(param, key)  # a view of DeepSpeed's state partition
+                    local.mul_(_z3_slice(param, whole))
+                elif param._hp_mapping is not None:
+                    where = param._hp_mapping.lp_fragment_address
+                    param._hp_mapping.get_optim_state_fragment(key).mul_(whole.narrow(0, where.start, where.numel))
+
     def step(self, param: Tensor) -> int | None:
         state = self._state(param)
         return int(state["step"]) if "step" in state else None
@@ -202,6 +227,65 @@ class ZeroOptimizerState(OptimizerState):
 
 def _full_shape(p: Tensor) -> torch.Size:
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+# ---- this rank's part of one trainable tensor in DeepSpeed's ZeRO storage -------------------------------------
+# ZeRO-1/2: ``p._hp_mapping`` (None where this rank holds none of p) maps the elements
+# [lp_fragment_address.start, + numel) of the flattened p to its fp32 master fragment, its optimizer-state
+# fragments and its reduced-gradient fragment. ZeRO-3: rank r holds elements [r·s, (r+1)·s) of the flattened p
+# zero-padded to P·s (s = p.ds_tensor.ds_numel) in its model partition p.ds_tensor and in DeepSpeed's fp32
+# master, state and gradient partitions (the ``safe_*_local_*`` accessors).
+
+def _z12_grad_fragment(p: Tensor) -> Tensor:
+    """ZeRO-1/2: this rank's fragment of p's reduced gradient (a view); as ``get_full_hp_grad`` reads it."""
+    fragment = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+    where = p._hp_mapping.lp_fragment_address
+    return fragment.narrow(0, where.start, where.numel) if fragment.numel() == p.numel() else fragment
+
+
+def _z3_grad_part(p: Tensor) -> Tensor:
+    from deepspeed.utils import safe_get_local_grad
+
+    return safe_get_local_grad(p)
+
+
+def _z3_slice(p: Tensor, whole: Tensor) -> Tensor:
+    """ZeRO-3: this rank's partition of a flattened whole tensor of p's shape, zero-padded to the partition size."""
+    size = p.ds_tensor.ds_numel
+    start = collectives.group_rank(p.ds_process_group) * size
+    part = whole.narrow(0, min(start, whole.numel()), max(0, min(size, whole.numel() - start)))
+    return torch.nn.functional.pad(part, (0, size - part.numel()))
+
+
+def _keep_unless(changed: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
+    """``new``, or ``old`` where the tensor did not change (a device-side choice: no host synchronisation)."""
+    return new if changed is None else torch.where(changed, new, old)
+
+
+def _write_value(p: Tensor, new: Tensor, changed: Tensor | None) -> None:
+    """This rank's part of p's whole flattened value ``new`` into the fp32 master copy (ZeRO-3 also into its model
+    partition); ``changed`` None writes unconditionally (fp32: exact), else only if True."""
+    if hasattr(p, "ds_id"):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        part = _z3_slice(p, new)
+        p.ds_tensor.copy_(_keep_unless(changed, part.to(p.ds_tensor.dtype), p.ds_tensor))
+        safe_set_local_fp32_param(p, _keep_unless(changed, part.float(), safe_get_local_fp32_param(p)))
+    elif p._hp_mapping is not None:
+        where, master = p._hp_mapping.lp_fragment_address, p._hp_mapping.hp_fragment
+        master.copy_(_keep_unless(changed, new.narrow(0, where.start, where.numel).float(), master))
+
+
+def _write_grad(p: Tensor, new: Tensor) -> None:
+    """This rank's part of p's whole flattened fp32 gradient ``new`` into DeepSpeed's reduced gradient."""
+    if hasattr(p, "ds_id"):
+        from deepspeed.utils import safe_set_local_grad
+
+        safe_set_local_grad(p, _z3_slice(p, new))
+    elif p._hp_mapping is not None:
+        where = p._hp_mapping.lp_fragment_address
+        fragment = _z12_grad_fragment(p)
+        fragment.copy_(new.narrow(0, where.start, where.numel).to(fragment.dtype))
 
 
 class ZeroEngine:
@@ -228,6 +312,7 @@ class ZeroEngine:
         if not hasattr(zero, "bit16_groups") and not hasattr(zero, "fp32_partitioned_groups_flat"):
             raise RuntimeError(f"DeepSpeed chose {type(zero).__name__}; dist_peft drives its ZeRO optimizers only")
         self.optim_state = ZeroOptimizerState(zero)
+        self.zero3, self.dp_group = cfg.deepspeed.zero_stage == 3, zero.dp_process_group
         if cfg.deepspeed.zero_stage == 3:
             for site in adapted_sites(model).values():
                 deepspeed.zero.register_external_parameter(site, site.base_layer.weight)
@@ -235,6 +320,8 @@ class ZeroEngine:
         optimizer.register_step_pre_hook(self._hide_skipped)
         optimizer.register_step_post_hook(self._show_skipped)
         self._hidden: dict[Tensor, Tensor | None] = {}
+        self.timer = NULL_TIMER
+        """Phase ranges of the step (the profiler's PhaseTimer replaces it)."""
 
     def _sum_not_average(self, grad: Tensor | None) -> Tensor | None:
         """The gradient flowing into a trainable tensor, times P: DeepSpeed's average becomes the sum."""
@@ -266,16 +353,18 @@ class ZeroEngine:
         return StepContext(step, lr, self.optimizer, total_steps=total_steps, optim_state=self.optim_state,
                            gathered=gathered)
 
-    def optimizer_step(self, controller: Controller, ctx: Any) -> float:
+    def optimizer_step(self, controller: Controller, ctx: Any) -> Tensor | float:
         """controller.before_optimizer_step → DeepSpeed's step (clip, AdamW, zero grads) → after; returns the
-        global gradient norm before clipping."""
-        self._run_hook(controller, "before_optimizer_step", ctx)
+        global gradient norm before clipping (as DeepSpeed keeps it: not read on the host here)."""
+        with self.timer.phase("hooks_before_step"):
+            self._run_hook(controller, "before_optimizer_step", ctx)
         self._skip = self._skipped_groups()
-        self.engine.step()
+        self.engine.step()  # clip, AdamW on the partitions, ZeRO-1/2's all-gather of the updated parameters
         self._with_grad.clear()
-        self._run_hook(controller, "after_optimizer_step", ctx)
+        with self.timer.phase("hooks_after_step"):
+            self._run_hook(controller, "after_optimizer_step", ctx)
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return norm if norm is not None else float("nan")
 
     def _run_hook(self, controller: Controller, name: str, ctx: Any) -> None:
         if getattr(type(controller), name) is getattr(Controller, name):
@@ -286,36 +375,75 @@ class ZeroEngine:
     @contextlib.contextmanager
     def controller_view(self, grads: bool) -> Iterator[None]:
         """Whole values (and with ``grads`` whole reduced gradients, None for tensors without one) of every
-        trainable tensor inside; what changed inside is written back to DeepSpeed on exit."""
-        from deepspeed.utils import safe_get_full_grad
+        trainable tensor inside; on exit each rank writes its own part of them back into DeepSpeed's partitions.
 
+        Decision (issue 17, coalesced): one collective per view for the gradients, whatever the number of tensors
+        (each rank's parts of all of them in one flat buffer: ZeRO-1/2 one all-reduce of the zero-filled whole,
+        as ``safe_get_full_grad`` does per tensor; ZeRO-3 one all-gather of the partitions), plus under ZeRO-3
+        DeepSpeed's one coalesced all-gather of the values; the write-back is local (no collective: every rank
+        holds the same whole values, the contract of every engine) and has no host synchronisation: fp32 tensors
+        are written back whole-sale (exact), others only where they changed, selected on the device."""
         params = list(self.params.values())
-        with gathered(params, modify=True), torch.no_grad():
-            values = [p.detach().clone() for p in params]
-            full = [safe_get_full_grad(p).view(p.shape).to(p.dtype) if grads and id(p) in self._with_grad else None
-                    for p in params]
-            for p, g in zip(params, full):
-                p.grad = None if g is None else g.clone()
+        with torch.no_grad(), self._whole_values(params):
+            before = {id(p): p.detach().clone() for p in params if p.dtype != torch.float32}
+            full = self._full_grads(params) if grads else None
+            for i, p in enumerate(params):
+                p.grad = full[i].view(p.shape).to(p.dtype) if full is not None and id(p) in self._with_grad else None
             try:
                 yield
             finally:
-                self._write_back(params, values, full if grads else None)
+                self._write_back(params, before, grads)
 
-    def _write_back(self, params: list[nn.Parameter], values: list[Tensor], grads: list[Tensor | None] | None):
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_grad
+    @contextlib.contextmanager
+    def _whole_values(self, params: list[nn.Parameter]) -> Iterator[None]:
+        """ZeRO-3: every partitioned tensor gathered (DeepSpeed's coalesced all-gather), released without
+        DeepSpeed writing anything back. ZeRO-1/2 keep whole model copies: nothing to do."""
+        away = [p for p in params if getattr(p, "ds_status", None) is not None and not p.ds_persist
+                and p.ds_status.name == "NOT_AVAILABLE"]
+        if away:
+            away[0].all_gather_coalesced(away).wait()
+        try:
+            yield
+        finally:
+            if away:
+                away[0].partition(param_list=away, has_been_updated=False)
 
-        for p, old in zip(params, values):
-            if not torch.equal(p.detach(), old):
-                safe_set_full_fp32_param(p, p.detach().float())
-        if grads is None:
+    def _full_grads(self, params: list[nn.Parameter]) -> list[Tensor]:
+        """Every tensor's whole reduced fp32 gradient, flattened, from one collective over the data ranks."""
+        if self.zero3:
+            return [g[: p.ds_numel] for p, g in zip(params, self._gather_parts([_z3_grad_part(p) for p in params]))]
+        numels = [p.numel() for p in params]
+        flat = torch.zeros(sum(numels), dtype=torch.float32, device=params[0].device)
+        for p, part in zip(params, flat.split(numels)):
+            if p._hp_mapping is not None:
+                where = p._hp_mapping.lp_fragment_address
+                part.narrow(0, where.start, where.numel).copy_(_z12_grad_fragment(p))
+        collectives.all_reduce(flat, self.dp_group)
+        return list(flat.split(numels))
+
+    def _gather_parts(self, parts: list[Tensor]) -> list[Tensor]:
+        """ZeRO-3: each tensor's P partitions in rank order (flattened, padded), from one all-gather of this rank's."""
+        sizes = [t.numel() for t in parts]
+        world = collectives.group_size(self.dp_group)
+        every = collectives.all_gather_cat(torch.cat(parts).float(), 0, self.dp_group).view(world, -1)
+        return [block.reshape(-1) for block in every.split(sizes, dim=1)]
+
+    def _write_back(self, params: list[nn.Parameter], before: Mapping[int, Tensor], grads: bool) -> None:
+        """This rank's part of every value into the master copy (and ZeRO-3's model partition), and with
+        ``grads`` of every gradient into DeepSpeed's reduced gradient (a hook may also drop one: None)."""
+        for p in params:
+            new = p.detach().reshape(-1)
+            changed = None if p.dtype == torch.float32 else (new != before[id(p)].reshape(-1)).any()
+            _write_value(p, new, changed)
+        if not grads:
             return
-        for p, old in zip(params, grads):
+        for p in params:
             new, p.grad = p.grad, None
             if new is None:
                 self._with_grad.discard(id(p))  # a hook may drop a gradient: the tensor skips this step
-            elif old is None or not torch.equal(new, old):
-                self._with_grad.add(id(p))
-                safe_set_full_grad(p, new.float())
+                continue
+            self._with_grad.add(id(p))
+            _write_grad(p, new.detach().reshape(-1).float())
 
     def _skipped_groups(self) -> set[int]:
         """ids of the flat partitions whose tensors all received no gradient this step (refusing partial ones)."""
