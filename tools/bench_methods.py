@@ -83,6 +83,7 @@ CONFIGS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "odlora": ours("odlora", r=16, lora_alpha=4, init_rounds=1, init_steps=1),
     "scalora": ours("scalora", r=16, lora_alpha=32),
     "scalora-i10": ours("scalora", r=16, lora_alpha=32, interval=10),
+    "scalora-paper": ours("scalora", r=16, lora_alpha=32, solver="paper"),  # the paper's closed form + fallback
 }
 
 
