@@ -3,6 +3,7 @@
     dist-peft train --config FILE [--resume [CHECKPOINT]] [--set train.steps=10 ...] [--launcher mpi]
     dist-peft export --checkpoint DIR --out DIR [--merged]
     dist-peft precompute --config FILE [--set KEY=VALUE ...]
+    dist-peft profile --config FILE [--config FILE2 | --methods lora,loca] [--steps N] [--out DIR] ...
 
 A bad config or file ends the command with one ``error:`` line (exit code 2), before any model is built.
 """
@@ -72,6 +73,13 @@ def _precompute(args: argparse.Namespace) -> dict:
     return {"precomputed": cfg.method.name, "sites": len(adapted_sites(model))}
 
 
+def _profile(args: argparse.Namespace) -> dict:
+    """Measured steps of one or several configurations (``dist_peft/profile``, docs/profiling.md)."""
+    from dist_peft.profile.cli import run_command
+
+    return run_command(args, _overrides(args.set))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist-peft", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -94,6 +102,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True)
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     c.set_defaults(func=_precompute)
+    from dist_peft.profile.cli import add_arguments
+
+    pr = sub.add_parser("profile", help="measure training steps: phases, throughput, FLOPs/MFU, collectives, memory")
+    add_arguments(pr)
+    pr.set_defaults(func=_profile)
     return p
 
 

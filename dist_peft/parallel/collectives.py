@@ -11,24 +11,33 @@ CUDA device (``_on_backend``; written for GPU clusters, not run on one yet).
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
+_UNOBSERVED = contextlib.nullcontext()
+
+
 @dataclass
 class CollectiveTrace:
     calls: Counter = field(default_factory=Counter)
     bytes: Counter = field(default_factory=Counter)
+    observer: Callable[[str, int, Any], contextlib.AbstractContextManager] | None = None
+    """Set by the profiler (``dist_peft.profile.comm``): called with (op, bytes, group) around each collective
+    to time it per operation and group; None (the default) costs nothing."""
 
-    def record(self, op: str, nbytes: int) -> None:
+    def record(self, op: str, nbytes: int, group: Any = None) -> contextlib.AbstractContextManager:
+        """Count one call of ``op`` moving ``nbytes``; the returned context brackets the communication."""
         self.calls[op] += 1
         self.bytes[op] += nbytes
+        return _UNOBSERVED if self.observer is None else self.observer(op, nbytes, group)
 
     def reset(self) -> dict[str, dict[str, int]]:
         """Return the counts since the last reset and start again (call once per step)."""
@@ -62,9 +71,9 @@ def all_reduce(t: Tensor, group: Any = None, op: str = "sum") -> Tensor:
     size = group_size(group)
     if size == 1:
         return t
-    TRACE.record("all_reduce", t.numel() * t.element_size())
     work = _on_backend(t, group)
-    dist.all_reduce(work, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    with TRACE.record("all_reduce", t.numel() * t.element_size(), group):
+        dist.all_reduce(work, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
     if work is not t:
         t.copy_(work)
     if op == "avg":
@@ -91,9 +100,9 @@ def broadcast(t: Tensor, src: int = 0, group: Any = None) -> Tensor:
     """In-place broadcast from group rank ``src``."""
     if group_size(group) == 1:
         return t
-    TRACE.record("broadcast", t.numel() * t.element_size())
     work = _on_backend(t, group)
-    dist.broadcast(work, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    with TRACE.record("broadcast", t.numel() * t.element_size(), group):
+        dist.broadcast(work, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
     if work is not t:
         t.copy_(work)
     return t
@@ -104,10 +113,10 @@ def all_gather_cat(t: Tensor, dim: int, group: Any = None) -> Tensor:
     size = group_size(group)
     if size == 1:
         return t
-    TRACE.record("all_gather", t.numel() * t.element_size() * size)
     work = _on_backend(t.contiguous(), group)
     parts = [torch.empty_like(work) for _ in range(size)]
-    dist.all_gather(parts, work, group=group)
+    with TRACE.record("all_gather", t.numel() * t.element_size() * size, group):
+        dist.all_gather(parts, work, group=group)
     return torch.cat(parts, dim=dim).to(t.device)
 
 
@@ -117,7 +126,7 @@ def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
     size = group_size(group)
     if size == 1:
         return [obj]
-    TRACE.record("all_gather_object", len(pickle.dumps(obj)) * size)
     out: list[Any] = [None] * size
-    dist.all_gather_object(out, obj, group=group)
+    with TRACE.record("all_gather_object", len(pickle.dumps(obj)) * size, group):
+        dist.all_gather_object(out, obj, group=group)
     return out

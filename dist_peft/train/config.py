@@ -289,6 +289,33 @@ class RecomputeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ProfileConfig:
+    """The profiler during a training run (``dist_peft/profile``): rank 0's phase times, memory and saved-for-
+    backward bytes join the metric log every ``every`` steps. ``dist-peft profile`` measures more (every rank,
+    collectives, FLOPs, NVML, a trace)."""
+
+    every: int = 10
+    """Log the profiled figures (medians of the steps since the last time) every N steps."""
+    exact: bool = False
+    """Synchronize the device at every phase boundary (host intervals with the waits; slower)."""
+    saved_tensors: bool = True
+    """Measure the bytes saved for backward (saved-tensor hooks)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "every")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    """Where the metric log also goes (besides ``output.dir/metrics.jsonl``), written by rank 0."""
+
+    tensorboard: str | None = None
+    """A folder for TensorBoard event files (``torch.utils.tensorboard``)."""
+    wandb: str | None = None
+    """A Weights & Biases project (needs ``pip install wandb``; ``WANDB_MODE=offline`` runs without a network)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     model: ModelConfig
     method: MethodConfig
@@ -301,6 +328,10 @@ class RunConfig:
     """Present: the megatron-core engine (tensor / pipeline parallel); absent: the transformers engine."""
     recompute: RecomputeConfig | None = None
     """Present: activation recompute on whichever engine runs; absent: every activation is kept."""
+    profile: ProfileConfig | None = None
+    """Present: profiled figures in the training log (``dist_peft/profile``); absent: no instrument in the step."""
+    log: LogConfig | None = None
+    """Present: the log also goes to TensorBoard and / or Weights & Biases."""
 
     def __post_init__(self) -> None:
         formats = [t.format for t in self.data.tasks] or [self.data.format]
@@ -336,7 +367,7 @@ class RunConfig:
                        **dataclasses.asdict(self.method.options)}
         if not self.data.tasks:  # single-task configs keep their pre-multitask dict (checkpoints compare it)
             del d["data"]["tasks"]
-        for section in ("deepspeed", "parallel", "recompute"):  # configs without them keep their earlier dict
+        for section in ("deepspeed", "parallel", "recompute", "profile", "log"):  # absent: the earlier dict
             if d[section] is None:
                 del d[section]
         if d.get("parallel") and not d["parallel"]["sequence_parallel"]:

@@ -35,6 +35,7 @@ from dist_peft.integrations.transformers import adapted_sites, inject_adapters, 
 from dist_peft.methods.base import Adapter, StepContext
 from dist_peft.parallel import collectives
 from dist_peft.parallel.runtime import init_runtime
+from dist_peft.profile.timer import NULL_TIMER
 from dist_peft.train import checkpoint as ckpt
 from dist_peft.train.config import RunConfig, TrainConfig, check_world_size
 from dist_peft.train.data import IGNORE, build_data, collate
@@ -78,6 +79,7 @@ def build_optimizer(params: dict[str, nn.Parameter], adapters: Iterable[Adapter]
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | Path | None = None, echo: Callable[[str], None] = print):
         self.cfg, t = cfg, cfg.train
+        self.timer = NULL_TIMER  # phase ranges of the step; a profiler puts its PhaseTimer here
         self.rt = init_runtime(world_check=lambda world: check_world_size(cfg, world))
         self.echo = echo if self.rt.is_main else (lambda _msg: None)
         if t.threads:
@@ -117,6 +119,9 @@ class Trainer:
         self.ds = self._zero_engine()  # partitions the model as calibrated or restored
         if c is not None and self.ds is not None:
             self.ds.restore(c)  # the checkpoint's whole tensors into DeepSpeed's partitions
+        from dist_peft.profile.monitor import TrainMonitor
+
+        self.monitor = TrainMonitor(self)  # profile / log sections: profiled figures, TensorBoard, W&B
 
     def _zero_engine(self):
         """DeepSpeed's ZeRO engine around the model and optimizer when the config has a deepspeed section."""
@@ -129,7 +134,8 @@ class Trainer:
     def _resume(self, path: Path) -> ckpt.Checkpoint:
         c = ckpt.load_checkpoint(path, *((self.mg.part_name, self.rt.world) if self.mg else ()))
         # Decision (issue 7): every engine writes whole tensors in one format, so the deepspeed section may change.
-        changed = {k for k in _config_changes(c.config, self.cfg.to_dict()) if k.split(".")[0] != "deepspeed"}
+        changed = {k for k in _config_changes(c.config, self.cfg.to_dict())
+                   if k.split(".")[0] not in ("deepspeed", "profile", "log")}
         changed -= RESUMABLE_CHANGES
         if changed:
             raise ValueError(f"--resume {path}: the checkpoint was written with a different "
@@ -197,45 +203,59 @@ class Trainer:
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr / t.lr
-        batches = [self._batch(self.order.micro_batch(self.train_ds, self.position + i, t.micro_batch_size,
-                                                       self.data_rank, self.data_world)) for i in range(t.grad_accum)]
-        counts = torch.tensor([float(sum(self._targets(b) for b in batches)),
-                               float(sum(b["attention_mask"].sum() for b in batches))])
-        collectives.all_reduce(counts, self.controller.data_group)
-        if self.mg is not None:  # megatron's schedule runs every micro-batch (pipelined)
-            loss_sum = torch.tensor(self.mg.forward_backward([self._megatron(b) for b in batches], float(counts[0]),
-                                                             self.controller), dtype=torch.float64)
+        with self.timer.phase("data"):
+            batches = [self._batch(self.order.micro_batch(self.train_ds, self.position + i, t.micro_batch_size,
+                                                           self.data_rank, self.data_world))
+                       for i in range(t.grad_accum)]
+            counts = torch.tensor([float(sum(self._targets(b) for b in batches)),
+                                   float(sum(b["attention_mask"].sum() for b in batches))])
+            collectives.all_reduce(counts, self.controller.data_group)
+        if self.mg is not None:  # megatron's schedule runs every micro-batch (pipelined; it marks its own phases)
+            with self.timer.phase("schedule"):
+                loss_sum = torch.tensor(self.mg.forward_backward([self._megatron(b) for b in batches],
+                                                                 float(counts[0]), self.controller),
+                                        dtype=torch.float64)
         else:
             self.model.train()
             loss_sum = torch.zeros(())
             for i, batch in enumerate(batches):
-                self.controller.on_batch(batch)
-                loss, _ = self._loss_sum(batch)
-                if self.ds is not None:
-                    self.ds.backward(loss / counts[0], last=i == len(batches) - 1)
-                else:
-                    (loss / counts[0]).backward()
+                with self.timer.phase("forward"):
+                    self.controller.on_batch(batch)
+                    loss, _ = self._loss_sum(batch)
+                with self.timer.phase("backward"):  # ZeRO: DeepSpeed's gradient reduction runs inside
+                    if self.ds is not None:
+                        self.ds.backward(loss / counts[0], last=i == len(batches) - 1)
+                    else:
+                        (loss / counts[0]).backward()
                 loss_sum += loss.detach().cpu()
         if self.ds is not None:  # hooks, clip, step and zero_grad in the order above, on DeepSpeed's partitions
-            norm = self.ds.optimizer_step(self.controller, self.ds.step_context(self.step, lr, t.steps))
+            with self.timer.phase("optimizer"):  # the engine marks its controller hooks apart
+                norm = self.ds.optimizer_step(self.controller, self.ds.step_context(self.step, lr, t.steps))
         else:
-            if self.mg is not None:
-                self.mg.reduce_grads()
-            else:
-                collectives.all_reduce_coalesced([p.grad for p in self.params.values() if p.grad is not None])
+            with self.timer.phase("grad_reduce"):
+                if self.mg is not None:
+                    self.mg.reduce_grads()
+                else:
+                    collectives.all_reduce_coalesced([p.grad for p in self.params.values() if p.grad is not None])
             ctx = StepContext(self.step, lr, self.optimizer, total_steps=t.steps)
-            self.controller.before_optimizer_step(ctx)
-            if self.mg is not None:
-                norm = self.mg.clip(t.max_grad_norm)
-            else:
-                grads = [p for p in self.params.values() if p.grad is not None]
-                norm = torch.nn.utils.clip_grad_norm_(grads, t.max_grad_norm if t.max_grad_norm else math.inf)
-            self.optimizer.step()
-            self.controller.after_optimizer_step(ctx)
-            self.optimizer.zero_grad(set_to_none=True)
+            with self.timer.phase("hooks_before_step"):
+                self.controller.before_optimizer_step(ctx)
+            with self.timer.phase("clip"):
+                if self.mg is not None:
+                    norm = self.mg.clip(t.max_grad_norm)
+                else:
+                    grads = [p for p in self.params.values() if p.grad is not None]
+                    norm = torch.nn.utils.clip_grad_norm_(grads, t.max_grad_norm if t.max_grad_norm else math.inf)
+            with self.timer.phase("optimizer"):
+                self.optimizer.step()
+            with self.timer.phase("hooks_after_step"):
+                self.controller.after_optimizer_step(ctx)
+            with self.timer.phase("optimizer"):
+                self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.position += t.grad_accum
-        loss = collectives.all_reduce(loss_sum, self.controller.data_group).item() / counts[0].item()
+        with self.timer.phase("log"):  # the step's read of its values
+            loss = collectives.all_reduce(loss_sum, self.controller.data_group).item() / counts[0].item()
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(norm), "tokens": int(counts[1]),
                 **getattr(self.controller, "step_metrics", {})}
 
@@ -320,6 +340,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        self.monitor.write(record)
 
     def run(self) -> dict[str, Any]:
         """Train to ``train.steps``; return the summary (eval before/after, tokens/s, where files went)."""
@@ -333,10 +354,12 @@ class Trainer:
         ckpt_path = ckpt.latest_checkpoint(self.run_dir) if self.step >= t.steps else None
         while self.step < t.steps:
             start = time.perf_counter()
-            record = self.train_step()
+            with self.monitor.step():
+                record = self.train_step()
             seconds += time.perf_counter() - start
             tokens += record["tokens"]
             record["tokens_per_s"] = tokens / seconds
+            self.monitor.add(record)
             self._log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens / seconds:.0f}")
@@ -347,6 +370,7 @@ class Trainer:
         bar.close()
         after = self.evaluate()
         self._log({"step": self.step, **after})
+        self.monitor.close()
         adapter_dir = self.save_adapter(self.run_dir / "adapter")
         summary = {"eval_before": before, "eval_after": after, "tokens_per_s": tokens / seconds if seconds else None,
                    "threads": torch.get_num_threads(), "adapter_dir": str(adapter_dir),

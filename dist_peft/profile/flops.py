@@ -1,0 +1,66 @@
+"""FLOPs, MFU and HFU of measured steps: the accounting's formulas (``dist_peft.accounting``, the ones
+``dist-peft plan`` uses) divided by measured time and a peak.
+
+    MFU = model FLOPs / (step time · devices · peak)      model FLOPs: Megatron's formula, every weight trained
+    HFU = executed FLOPs / (step time · devices · peak)   executed: frozen weights without weight gradient
+                                                          (4T per frozen parameter), the methods' declared work
+                                                          and recompute's extra forward
+
+Peak: bf16 dense tensor-core TFLOP/s from the vendor data sheets (the anchors' table, as torchtitan has it, with
+sparsity never counted), picked by the device name; ``--peak-tflops`` overrides it. On a CPU or an unknown
+GPU no peak is guessed (torchtitan falls back to A100, which users complain about): MFU and HFU are omitted
+with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from dist_peft.accounting import ModelShape, executed_flops, flop_breakdown, model_flops
+
+BF16_DENSE_TFLOPS = (  # (substring of torch.cuda.get_device_name, TFLOP/s); the first match wins
+    ("H200", 989.0),          # NVIDIA H200 data sheet (SXM and NVL), dense
+    ("H100 NVL", 835.0),      # H100 NVL
+    ("H100 PCIe", 756.0),     # H100 PCIe
+    ("H100", 989.0),          # H100 SXM5
+    ("A100", 312.0),          # A100 (SXM and PCIe, 40 and 80 GB)
+)
+"""Source: NVIDIA's H200, H100 and A100 data sheets (bf16 tensor core, without sparsity)."""
+
+
+def device_peak(device_name: str | None, override_tflops: float | None = None) -> tuple[float | None, str]:
+    """(peak FLOP/s per device or None, where it came from or why it is missing)."""
+    if override_tflops:
+        return override_tflops * 1e12, f"--peak-tflops {override_tflops:g}"
+    if not device_name or device_name == "cpu":
+        return None, "CPU: no tensor-core peak to compare with (give --peak-tflops to set one)"
+    for key, tflops in BF16_DENSE_TFLOPS:
+        if key in device_name:
+            return tflops * 1e12, f"{key} bf16 dense {tflops:g} TFLOP/s (NVIDIA data sheet)"
+    return None, f"unknown device {device_name!r}: no peak in the table (give --peak-tflops)"
+
+
+def step_flops(shape: ModelShape, cfg: Any, tokens: int, adapters: bool = True) -> dict[str, Any]:
+    """Model and executed FLOPs of one step of ``cfg`` over ``tokens`` tokens (all data-parallel ranks);
+    ``adapters=False``: the frozen model alone (the floor)."""
+    seq, pipeline = cfg.data.seq_len, cfg.parallel.pipeline if cfg.parallel else 1
+    method = cfg.method if adapters else None
+    parts = flop_breakdown(shape, tokens, seq, method, cfg.recompute, pipeline)
+    return {"model": model_flops(shape, tokens, seq),
+            "executed": executed_flops(shape, tokens, seq, method, cfg.recompute, pipeline),
+            "executed_breakdown": dataclasses.asdict(parts)}
+
+
+def utilisation(flops: dict[str, Any], step_time_s: float, devices: int, peak: float | None,
+                why: str) -> dict[str, Any]:
+    """Achieved FLOP/s per device, and MFU / HFU against ``peak`` (omitted with ``why`` when None)."""
+    per_device = {k: flops[k] / (step_time_s * devices) for k in ("model", "executed")}
+    out: dict[str, Any] = {"model_tflops_per_device": per_device["model"] / 1e12,
+                           "executed_tflops_per_device": per_device["executed"] / 1e12, "peak_source": why}
+    if peak is None:
+        out["mfu"] = out["hfu"] = None
+        out["mfu_omitted"] = why
+    else:
+        out["mfu"], out["hfu"] = per_device["model"] / peak, per_device["executed"] / peak
+    return out
