@@ -544,8 +544,8 @@ def update_ranks(checkpoint, rtol=1e-3, atol=0.005):
     return out
 
 
-def controller_bench(names=("lora", "odlora", "scalora", "scalora-i10"), layers=4, batch=4, seq=256, rounds=10,
-                     warmup=2):
+def controller_bench(names=("lora", "odlora", "scalora", "scalora-paper", "scalora-i10"), layers=4, batch=4, seq=256,
+                     rounds=10, warmup=2):
     """Report helper: tools/bench_methods.py's interleaved step timing (hooks called as the Trainer calls them)
     with the hooks' own time measured apart. Per config: median full step, mean controller time per step, and
     the amortised ratio (median step without the hooks + mean hook time) / LoRA's. ``python -c "import sys;
