@@ -91,9 +91,11 @@ class SourceConfig:
     """One dataset and how its rows become token sequences: the keys of ``data`` and of each ``data.tasks``
     entry."""
 
-    source: Literal["chatterbot", "bbc_news", "synthetic", "json"] | None = None
-    """Packaged datasets (``chatterbot``, ``bbc_news``), random tokens (``synthetic``) or a local JSON-lines
-    file (``json``, with ``path``). Required, except in a ``data`` section that lists ``tasks``."""
+    source: Literal["chatterbot", "bbc_news", "synthetic", "files", "json"] | None = None
+    """Packaged datasets (``chatterbot``, ``bbc_news``), random tokens (``synthetic``), or local files
+    (``files``, with ``path``: a .jsonl / .json / .parquet file, a folder of them, or a ``datasets``
+    save_to_disk folder; ``json`` is the same for a JSON-lines file). Required, except in a ``data`` section
+    that lists ``tasks``."""
     format: Literal["causal_lm", "instruction", "classification"] = "causal_lm"
     """causal_lm: texts packed into blocks of seq_len; instruction: prompt/response pairs with the loss on the
     response only; classification: text and integer label."""
@@ -114,8 +116,8 @@ class SourceConfig:
     def __post_init__(self) -> None:
         _positive(self, "seq_len", "max_examples", "synthetic_examples")
         _positive(self, "eval_examples", allow_zero=True)
-        if (self.source == "json") != (self.path is not None):
-            raise ValueError("path: required exactly when source is json")
+        if (self.source in ("files", "json")) != (self.path is not None):
+            raise ValueError("path: required exactly when source is files or json")
         if self.source == "synthetic" and self.format != "causal_lm":
             raise ValueError(f"format: synthetic data is causal_lm only, got {self.format}")
 

@@ -9,24 +9,40 @@ Formats:
 Multitask data (``data.tasks``): each task is built as above, its rows tagged with ``task_id`` (its position
 in the list), and the training sets are concatenated and read through a ``MixedOrder``; batches then carry
 ``task_ids`` (one per sample) for methods that adapt per task (FO-LoRA).
+
+Scale: a source is tokenized once, batch by batch, into Arrow files keyed by tokenizer + data + settings
+(``ensure_cache``; the Trainer keeps them in ``output.dir/data-cache``), which every rank memory-maps. Packing
+streams (one block of carry-over), so no step holds the corpus in Python objects, and a restart reuses the
+cache.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import hashlib
 import itertools
+import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import torch
+import torch.distributed as dist
 import yaml
 from torch import Tensor
 
+from dist_peft.files import BadFileError, atomic_dir, read_json
 from dist_peft.train.config import DataConfig, SourceConfig
-from dist_peft.train.models import _package_dir
+from dist_peft.train.models import _package_dir, cache_root
 
 IGNORE = -100
+CACHE_VERSION = 1
+"""Bumped whenever tokenization, splitting or packing changes what a cache folder holds."""
+BATCH_ROWS = 1024
+"""Rows tokenized, and blocks written, per batch: the only part of the data held in Python objects at once."""
 
 
 def _chatterbot() -> list[dict[str, Any]]:
@@ -50,13 +66,47 @@ def _bbc_news() -> list[dict[str, Any]]:
             for i, c in enumerate(classes) for f in sorted((root / c).glob("*.txt"))]
 
 
-def read_rows(cfg: SourceConfig) -> datasets.Dataset:
-    if cfg.source == "json":
-        if not Path(cfg.path).is_file():
-            raise FileNotFoundError(f"data.path: {cfg.path} does not exist")
-        return datasets.load_dataset("json", data_files=cfg.path, split="train")
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _data_files(path: Path) -> tuple[str, list[Path]]:
+    """(loader, files) of a local data path: one .jsonl / .json / .parquet file, or a folder of them (one kind).
+    A folder written by ``datasets.Dataset.save_to_disk`` is the loader ``disk`` with its Arrow files."""
+    if not path.exists():
+        raise FileNotFoundError(f"data.path: {path} does not exist")
+    if path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        return "disk", sorted(path.glob("*.arrow"))
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES)
+    kinds = {DATA_SUFFIXES.get(p.suffix) for p in files}
+    if not files or None in kinds or len(kinds) > 1:
+        raise ValueError(f"data.path: {path}: expected a .jsonl, .json or .parquet file, a folder of files of one of "
+                         f"those kinds, or a datasets save_to_disk folder; found {sorted({p.suffix for p in files})}")
+    return kinds.pop(), files
+
+
+def read_rows(cfg: SourceConfig, cache_dir: Path | None = None) -> datasets.Dataset:
+    """The source's rows as a ``datasets.Dataset``; local files become memory-mapped Arrow (under ``cache_dir``
+    when given), so a corpus of any size is never read into Python objects whole."""
+    if cfg.path is not None:
+        loader, files = _data_files(Path(cfg.path))
+        if loader == "disk":
+            return datasets.load_from_disk(cfg.path)
+        kwargs = {"cache_dir": str(cache_dir / "raw")} if cache_dir is not None else {}
+        return datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train", **kwargs)
     rows = {"chatterbot": _chatterbot, "bbc_news": _bbc_news}[cfg.source]()
     return datasets.Dataset.from_list(rows)
+
+
+def source_fingerprint(cfg: SourceConfig) -> list:
+    """What identifies the source's content in a cache key. Local files: path, size and modification time of
+    each (decision: stat, not content hashes, so that a key costs no pass over a corpus of many GB; an edited
+    file changes its mtime). Packaged sources: the source name (their package versions are pinned)."""
+    if cfg.path is None:
+        return [cfg.source]
+    _, files = _data_files(Path(cfg.path))
+    if Path(cfg.path).is_dir() and not files:  # a save_to_disk folder: its metadata files count too
+        files = sorted(Path(cfg.path).iterdir())
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def _tokenize_instruction(batch: dict, tokenizer, cfg: SourceConfig) -> dict:
@@ -77,26 +127,100 @@ def _tokenize_instruction(batch: dict, tokenizer, cfg: SourceConfig) -> dict:
     return out
 
 
-def _tokenize(ds: datasets.Dataset, tokenizer, cfg: SourceConfig) -> datasets.Dataset:
+def _tokenize_batch(batch: dict, tokenizer, cfg: SourceConfig) -> dict:
+    """Token ids (and labels) of one batch of rows in ``cfg.format``."""
     if cfg.format == "instruction":
-        fn = functools.partial(_tokenize_instruction, tokenizer=tokenizer, cfg=cfg)
-    elif cfg.format == "classification":
-        def fn(batch):
-            ids = tokenizer(batch[cfg.text_field], add_special_tokens=True, truncation=True, max_length=cfg.seq_len)
-            return {"input_ids": ids["input_ids"], "labels": [int(v) for v in batch[cfg.label_field]]}
-    else:
-        def fn(batch):
-            ids = tokenizer(batch[cfg.text_field], add_special_tokens=False)["input_ids"]
-            return {"input_ids": [t + [tokenizer.eos_token_id] for t in ids]}
-    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"tokenizing ({cfg.format})")
+        return _tokenize_instruction(batch, tokenizer, cfg)
+    if cfg.format == "classification":
+        ids = tokenizer(batch[cfg.text_field], add_special_tokens=True, truncation=True, max_length=cfg.seq_len)
+        return {"input_ids": ids["input_ids"], "labels": [int(v) for v in batch[cfg.label_field]]}
+    eos = [tokenizer.eos_token_id]  # looked up once: the property costs more than the append
+    return {"input_ids": [t + eos for t in tokenizer(batch[cfg.text_field], add_special_tokens=False)["input_ids"]]}
 
 
-def _pack(ds: datasets.Dataset, seq_len: int) -> datasets.Dataset:
-    flat = [tok for ids in ds["input_ids"] for tok in ids]
-    blocks = [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
-    return datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+class _ArrowSink:
+    """Rows appended to an Arrow stream file (the format ``datasets`` memory-maps) in record batches of
+    ``BATCH_ROWS`` rows, so a split is written without holding it whole (and read back without per-batch
+    overhead: a stream of tiny batches costs memory and time to open)."""
+
+    def __init__(self, path: Path, features: datasets.Features):
+        self.schema, self.rows = features.arrow_schema, 0
+        self._pending: dict[str, list] = {name: [] for name in self.schema.names}
+        self._file = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_stream(self._file, self.schema)
+
+    def write(self, columns: dict[str, list]) -> None:
+        for name, values in self._pending.items():
+            values.extend(columns[name])
+        if len(self._pending[self.schema.names[0]]) >= BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        n = len(self._pending[self.schema.names[0]])
+        if n:
+            self._writer.write_batch(pa.RecordBatch.from_pydict(self._pending, schema=self.schema))
+            self.rows += n
+            self._pending = {name: [] for name in self.schema.names}
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._file.close()
 
 
+class _Packer:
+    """Texts concatenated and cut into blocks of ``seq_len`` (the last partial block dropped), written as they
+    fill: ``_pack`` of the whole stream, with one block's worth of carry-over held in memory."""
+
+    def __init__(self, sink: _ArrowSink, seq_len: int):
+        self.sink, self.seq_len, self.carry = sink, seq_len, []
+
+    def add(self, docs: list[list[int]]) -> None:
+        flat = self.carry + [tok for ids in docs for tok in ids]
+        n = len(flat) // self.seq_len * self.seq_len
+        self.sink.write({"input_ids": [flat[i : i + self.seq_len] for i in range(0, n, self.seq_len)]})
+        self.carry = flat[n:]
+
+
+def _features(cfg: SourceConfig) -> datasets.Features:
+    """input_ids, and labels where they differ from them (packed causal_lm blocks are their own labels)."""
+    ids = datasets.Sequence(datasets.Value("int32"))
+    if cfg.format == "causal_lm":
+        return datasets.Features({"input_ids": ids})
+    return datasets.Features({"input_ids": ids, "labels": datasets.Value("int64") if cfg.format == "classification"
+                              else ids})
+
+
+def _write_splits(cfg: SourceConfig, tokenizer, folder: Path, cache_dir: Path | None) -> dict[str, int]:
+    """Tokenize the source's rows (in the seeded shuffle order) batch by batch into ``folder/eval.arrow`` and
+    ``folder/train.arrow``. The held-out part is drawn first: examples 0 … eval_examples − 1, or, for causal_lm,
+    whole documents until their tokens cover eval_examples blocks; the rest is the training split (packed for
+    causal_lm). Returns the counts written, and rows dropped as unusable."""
+    rows = read_rows(cfg, cache_dir).shuffle(seed=cfg.seed)
+    features = _features(cfg)
+    sinks = {name: _ArrowSink(folder / f"{name}.arrow", features) for name in ("eval", "train")}
+    packers = {name: _Packer(sink, cfg.seq_len) for name, sink in sinks.items()}
+    eval_tokens, eval_rows, dropped = cfg.eval_examples * cfg.seq_len, 0, 0
+    try:
+        for batch in rows.iter(batch_size=BATCH_ROWS):
+            toks = _tokenize_batch(batch, tokenizer, cfg)
+            dropped += len(next(iter(batch.values()))) - len(toks["input_ids"])
+            if cfg.format == "causal_lm":
+                docs, n_eval = toks["input_ids"], 0
+                while n_eval < len(docs) and eval_tokens > 0:  # documents go to eval until it has eval_tokens
+                    eval_tokens -= len(docs[n_eval])
+                    n_eval += 1
+                packers["eval"].add(docs[:n_eval])
+                packers["train"].add(docs[n_eval:])
+                continue
+            take = max(0, min(len(toks["input_ids"]), cfg.eval_examples - eval_rows))
+            eval_rows += take
+            sinks["eval"].write({k: v[:take] for k, v in toks.items()})
+            sinks["train"].write({k: v[take:] for k, v in toks.items()})
+    finally:
+        for sink in sinks.values():
+            sink.close()
+    return {"train": sinks["train"].rows, "eval": sinks["eval"].rows, "dropped": dropped}
 def _synthetic(cfg: SourceConfig, vocab_size: int) -> datasets.Dataset:
     """Token chains t_{i+1} = π(t_i) for one seeded permutation π of min(vocab, 256) tokens, from random
     starts: a bigram map a model can learn in a few steps; deterministic from the seed."""
@@ -107,26 +231,66 @@ def _synthetic(cfg: SourceConfig, vocab_size: int) -> datasets.Dataset:
     ids[:, 0] = torch.randint(0, v, (cfg.synthetic_examples,), generator=g)
     for i in range(1, cfg.seq_len):
         ids[:, i] = perm[ids[:, i - 1]]
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
 
 
-def build_datasets(cfg: SourceConfig, tokenizer, vocab_size: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, eval): the eval part is drawn first from the seeded shuffle, so it never overlaps training."""
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of what decides the token ids: the fast tokenizer's full definition, its chat template and
+    special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = [tokenizer.chat_template, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return hashlib.sha256((body + json.dumps(extra, default=str)).encode()).hexdigest()
+
+
+def cache_key(cfg: SourceConfig, tokenizer) -> str:
+    """The cache folder name of a source's tokenized splits: tokenizer + data + the settings that shape them
+    (``max_examples``, task names and weights are applied after the cache and are not part of it)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("max_examples", "name", "weight")}
+    material = [CACHE_VERSION, tokenizer_fingerprint(tokenizer), source_fingerprint(cfg), settings]
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _cached_splits(folder: Path) -> dict | None:
+    """The cache folder's counts when it is complete (written whole by ``atomic_dir``, sizes as recorded);
+    None when absent. A folder that fails the check is rebuilt."""
+    try:
+        meta = read_json(folder / "meta.json")
+        if all((folder / f).stat().st_size == size for f, size in meta["sizes"].items()):
+            return meta
+    except (BadFileError, OSError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def ensure_cache(cfg: SourceConfig, tokenizer, cache_dir: Path, echo: Callable[[str], None] = print) -> Path:
+    """The folder holding the source's tokenized train/eval splits, written once (atomically) if missing."""
+    folder = cache_dir / cache_key(cfg, tokenizer)
+    if _cached_splits(folder) is not None:
+        echo(f"data: reusing the tokenized {cfg.source or cfg.path} cache {folder}")
+        return folder
+    with atomic_dir(folder) as tmp:
+        counts = _write_splits(cfg, tokenizer, tmp, cache_dir)
+        sizes = {f: (tmp / f).stat().st_size for f in ("train.arrow", "eval.arrow")}
+        (tmp / "meta.json").write_text(json.dumps({**counts, "sizes": sizes}, indent=2) + "\n")
+    skipped = f", {counts['dropped']} rows skipped (answer truncated away)" if counts["dropped"] else ""
+    echo(f"data: tokenized {cfg.source or cfg.path} into {folder} ({counts['train']} training and "
+         f"{counts['eval']} held-out examples{skipped})")
+    return folder
+
+
+def build_datasets(cfg: SourceConfig, tokenizer, vocab_size: int, cache_dir: Path | None = None,
+                   echo: Callable[[str], None] = print) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, eval), memory-mapped from the tokenized cache (``cache_dir``, default ``$DIST_PEFT_CACHE/data``);
+    the eval part is drawn first from the seeded shuffle, so it never overlaps training. Synthetic data is
+    generated in memory (no cache)."""
     if cfg.source == "synthetic":
         ds = _synthetic(cfg, vocab_size)
         n_eval = min(cfg.eval_examples, len(ds) - 1)
         train, evl = ds.select(range(n_eval, len(ds))), ds.select(range(n_eval))
     else:
-        rows = read_rows(cfg).shuffle(seed=cfg.seed)
-        toks = _tokenize(rows, tokenizer, cfg)
-        if cfg.format == "causal_lm":
-            # Whole documents go to eval until their blocks cover eval_examples; the rest is packed for training.
-            lengths = torch.tensor([len(t) for t in toks["input_ids"]]).cumsum(0)
-            n_docs = int((lengths < cfg.eval_examples * cfg.seq_len).sum()) + 1 if cfg.eval_examples else 0
-            evl, train = _pack(toks.select(range(n_docs)), cfg.seq_len), _pack(toks.select(range(n_docs, len(toks))), cfg.seq_len)
-        else:
-            n_eval = min(cfg.eval_examples, len(toks) - 1)
-            evl, train = toks.select(range(n_eval)), toks.select(range(n_eval, len(toks)))
+        folder = ensure_cache(cfg, tokenizer, cache_dir or cache_root() / "data", echo)
+        train, evl = (datasets.Dataset.from_file(str(folder / f"{name}.arrow")) for name in ("train", "eval"))
     if cfg.max_examples is not None:
         train = train.select(range(min(cfg.max_examples, len(train))))
     if len(train) == 0:
@@ -134,18 +298,30 @@ def build_datasets(cfg: SourceConfig, tokenizer, vocab_size: int) -> tuple[datas
     return train, evl
 
 
-def build_data(cfg: DataConfig, tokenizer, vocab_size: int) -> tuple[datasets.Dataset, dict[str, datasets.Dataset],
-                                                                      BatchOrder]:
+def build_data(cfg: DataConfig, tokenizer, vocab_size: int, cache_dir: Path | None = None,
+               echo: Callable[[str], None] = print) -> tuple[datasets.Dataset, dict[str, datasets.Dataset],
+                                                             BatchOrder]:
     """(train, held-out sets by task name, order). One task: ``{"": eval}`` and a ``BatchOrder``. Several: rows
-    tagged with ``task_id``, training sets concatenated in task order and mixed by a ``MixedOrder``."""
+    tagged with ``task_id``, training sets concatenated in task order and mixed by a ``MixedOrder``.
+
+    In a process group, local rank 0 of each node tokenizes into the cache and the node's other ranks wait on a
+    barrier, then every rank memory-maps the same files (each reads only the examples of its own slice)."""
+    sources = cfg.tasks or (cfg,)
+    cache_dir = cache_dir or cache_root() / "data"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            for source in sources:
+                if source.source != "synthetic":
+                    ensure_cache(source, tokenizer, cache_dir, echo)
+        dist.barrier()
     if not cfg.tasks:
-        train, evl = build_datasets(cfg, tokenizer, vocab_size)
+        train, evl = build_datasets(cfg, tokenizer, vocab_size, cache_dir, echo)
         return train, {"": evl}, BatchOrder(len(train), cfg.seed)
     trains, evals = [], {}
     for t, task in enumerate(cfg.tasks):
-        train, evl = build_datasets(task, tokenizer, vocab_size)
-        trains.append(train.add_column("task_id", [t] * len(train)))
-        evals[task.name] = evl.add_column("task_id", [t] * len(evl))
+        train, evl = build_datasets(task, tokenizer, vocab_size, cache_dir, echo)
+        trains.append(train.add_column("task_id", np.full(len(train), t, dtype=np.int64)))
+        evals[task.name] = evl.add_column("task_id", np.full(len(evl), t, dtype=np.int64))
     order = MixedOrder([len(d) for d in trains], [task.weight for task in cfg.tasks], [task.seed for task in cfg.tasks],
                        cfg.seed)
     return datasets.concatenate_datasets(trains), evals, order
@@ -162,7 +338,9 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
     batch = {"input_ids": ids, "attention_mask": mask}
     if "task_id" in examples[0]:
         batch["task_ids"] = torch.tensor([e["task_id"] for e in examples])
-    if isinstance(examples[0]["labels"], int):
+    if "labels" not in examples[0]:  # packed causal_lm: every token is a target
+        batch["labels"] = ids.masked_fill(mask == 0, IGNORE)
+    elif isinstance(examples[0]["labels"], int):
         batch["labels"] = torch.tensor([e["labels"] for e in examples])
     else:
         labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -178,13 +356,14 @@ class BatchOrder:
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed = n, seed
-        self._perms: dict[int, Tensor] = {}
+        self._perms: dict[int, list[int]] = {}  # host lists: indexing them reads no tensor
 
     def index(self, k: int) -> int:
         epoch = k // self.n
         if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))}
-        return int(self._perms[epoch][k % self.n])
+            generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=generator).tolist()}
+        return self._perms[epoch][k % self.n]
 
     def micro_batch(self, ds: datasets.Dataset, position: int, size: int, rank: int = 0, world: int = 1) -> list[dict]:
         """The examples of micro-batch ``position`` on data-parallel ``rank``: ranks take adjacent slices of

@@ -109,7 +109,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.params, adapters.values(), t)
         self.controller = next(iter(adapters.values())).controller_cls(adapters)
         self.controller.data_group = self.mg.dp_group if self.mg else None
-        self.train_ds, self.eval_sets, self.order = build_data(cfg.data, self.tokenizer, vocab)
+        self.train_ds, self.eval_sets, self.order = build_data(cfg.data, self.tokenizer, vocab,
+                                                               self.run_dir / "data-cache", self.echo)
         self.step = self.position = 0
         self.history: list[dict[str, Any]] = []
         self.ds = None  # calibration and resume run on the plain model (_loss_sum reads self.ds)
