@@ -3,6 +3,7 @@
     dist-peft train --config FILE [--resume [CHECKPOINT]] [--set train.steps=10 ...] [--launcher mpi]
     dist-peft export --checkpoint DIR --out DIR [--merged]
     dist-peft precompute --config FILE [--set KEY=VALUE ...]
+    dist-peft plan (--config FILE | --model PRESET ...) --gpus N [--gpu h100-80gb] [--search]
     dist-peft profile --config FILE [--config FILE2 | --methods lora,loca] [--steps N] [--out DIR] ...
 
 A bad config or file ends the command with one ``error:`` line (exit code 2), before any model is built.
@@ -45,7 +46,10 @@ def _train(args: argparse.Namespace) -> dict:
     with mpi_job(fits) if args.launcher == "mpi" else contextlib.nullcontext():
         fits(int(os.environ.get("WORLD_SIZE", "1")))  # the launcher's world, before the heavy imports
         from dist_peft.train import checkpoint as ckpt
+        from dist_peft.accounting.plan import preflight
         from dist_peft.train.loop import Trainer
+
+        preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # preset ≡ weights folder; the layout fits the GPU
 
         resume = args.resume
         if resume == "latest":
@@ -80,6 +84,13 @@ def _profile(args: argparse.Namespace) -> dict:
     return run_command(args, _overrides(args.set))
 
 
+def _plan(args: argparse.Namespace) -> dict:
+    """Bytes per rank, FLOPs, collectives and predicted throughput of a run (``dist_peft/accounting``)."""
+    from dist_peft.accounting.cli import run_command
+
+    return run_command(args, _overrides(args.set))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist-peft", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -107,6 +118,11 @@ def parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="measure training steps: phases, throughput, FLOPs/MFU, collectives, memory")
     add_arguments(pr)
     pr.set_defaults(func=_profile)
+    from dist_peft.accounting.cli import add_arguments as plan_arguments
+
+    pl = sub.add_parser("plan", help="size a run before launch: bytes per rank, FLOPs, collectives, step time")
+    plan_arguments(pl)
+    pl.set_defaults(func=_plan)
     return p
 
 

@@ -1,0 +1,204 @@
+"""Bytes per rank of a PEFT run on a layout that need not exist: model states (frozen weights, adapter
+parameters, gradients, optimizer state, method buffers) and the activations saved for backward.
+
+Model states, per rank of one pipeline stage (P_f frozen elements, P_a adapter elements on that rank):
+    frozen     w·P_f (w = 2 for bf16), split by TP (vocab-parallel embedding and head, column/row projections;
+               norms replicated) and by PP; under ZeRO-3 also by DP
+    adapters   4·P_a (fp32 masters, ``methods/``); gradients 4·P_a; AdamW moments 8·P_a
+    ZeRO       1: moments and an fp32 copy of the partition (DeepSpeed's ``single_partition_of_fp32_groups``)
+               /DP; 2: + gradients /DP; 3: + the adapter and frozen parameters /DP, plus the gathered working set
+               (``stage3_max_live_parameters``, DeepSpeed's default 1e9 elements, at most the model)
+Megatron's 18 B/param (and DeepSpeed's estimators) assume every parameter trains; under adapters only P_a pays
+the 16 B/element, the frozen weights pay w.
+
+Activations saved for backward, per token of one micro-batch and one decoder layer (a = 2 bytes under bf16,
+T_mb = micro_batch × seq tokens), as this project's engines run (checked with saved-tensor hooks,
+tests/test_accounting.py):
+    RMSNorm ×2      4h + 4 each: its fp32 input and 1/rms (HF casts to fp32; layer 0's input norm saves nothing
+                    when the embedding is frozen)
+    norm outputs    a·h each, where a targeted q/k/v (gate/up) adapter saves its input
+    attention       flash / SDPA (transformers): q, k, v after RoPE, output, log-sum-exp: a(2nd + 2gd) + 4n;
+                    unfused (megatron-core local spec): q, k, v repeated to n heads, the fp32 and the bf16 softmax,
+                    output: a·4nd + (4 + a)·n·s
+    o_proj input    a·nd if o_proj is targeted (its adapter saves the attention output)
+    MLP             gate, SiLU(gate), up: 3af; down's input a·f if down_proj is targeted
+    adapters        the method's ``saved_bytes`` per site (LoRA: the a·r product A x)
+Tensor parallelism divides the attention and MLP terms by TP; sequence parallelism also the norm terms.
+Recompute: full keeps only each layer's input (a·h, /TP under SP) plus one layer's working set; selective drops
+the attention core's softmax terms (megatron-core). Pipeline: stage p holds min(pp − p, m) micro-batches in
+1F1B, the first stage ×(1 + (pp − 1)/(pp·vp)) under interleaving (Megatron's theoretical_memory_usage).
+Logits on the last stage: the fp32 log-softmax saved by the loss, its gradient and the a-byte logits:
+T_mb·V/TP·(8 + a).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from dist_peft.accounting.flops import adapter_class, target_sites
+from dist_peft.accounting.shape import ModelShape
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where and how a run executes: parallel sizes, ZeRO stage, batch, precision and recompute."""
+
+    tp: int = 1
+    pp: int = 1
+    vp: int = 1
+    dp: int = 1
+    zero: int = 0
+    """0: no ZeRO (plain or megatron engine); 1–3: DeepSpeed ZeRO stage."""
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    """none, full (every layer; ``method: block`` is modelled as full) or selective."""
+    micro_batch: int = 1
+    grad_accum: int = 1
+    seq_len: int = 4096
+    weight_bytes: int = 2
+    act_bytes: int = 2
+    zero3_live: int = 10**9
+    """ZeRO-3: parameters gathered at once (stage3_max_live_parameters)."""
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def engine(self) -> str:
+        return "megatron" if self.tp * self.pp > 1 else ("deepspeed" if self.zero else "transformers")
+
+    @property
+    def attention(self) -> str:
+        """flash: SDPA (transformers / DeepSpeed engines); unfused: megatron-core's local-spec core attention."""
+        return "unfused" if self.engine == "megatron" else "flash"
+
+
+@dataclass
+class StageMemory:
+    """Bytes on the most loaded rank of one pipeline stage."""
+
+    stage: int
+    layers: int
+    frozen: int = 0
+    adapters: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    buffers: int = 0
+    activations: int = 0
+    logits: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return (self.frozen + self.adapters + self.gradients + self.optimizer + self.buffers + self.activations
+                + self.logits)
+
+
+def layer_activation_bytes(shape: ModelShape, method: Any, layout: Layout, first: bool = False) -> float:
+    """Bytes saved for backward per token of one decoder layer on one rank (module docstring), no recompute."""
+    h, f, a, tp = shape.hidden, shape.intermediate, layout.act_bytes, layout.tp
+    nd, gd, n = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.heads
+    targets = set(method.target_modules) if method is not None else set()
+    sp = tp if layout.sequence_parallel else 1
+    norms = (0 if first else 4 * h + 4) + 4 * h + 4
+    inputs = a * h * (bool(targets & {"q_proj", "k_proj", "v_proj"}) + bool(targets & {"gate_proj", "up_proj"}))
+    if layout.attention == "flash":
+        attn = a * (2 * nd + 2 * gd) + 4 * n
+    else:
+        attn = a * 4 * nd + (0 if layout.recompute == "selective" else (4 + a) * n * layout.seq_len)
+    attn += a * nd * ("o_proj" in targets)
+    mlp = 3 * a * f + a * f * ("down_proj" in targets)
+    own = 0
+    if method is not None:
+        cls = adapter_class(method)
+        for site in target_sites(shape, targets, tp, layout.weight_bytes):
+            own += cls.saved_bytes(site, method.options, a)
+    return norms / sp + inputs + (attn + mlp) / tp + own
+
+
+def activation_bytes(shape: ModelShape, method: Any, layout: Layout, stage: int, layers: int) -> float:
+    """Activations of one stage's rank at the peak of the schedule (module docstring), logits excluded."""
+    tokens = layout.micro_batch * layout.seq_len
+    per_layer = layer_activation_bytes(shape, method, layout)
+    if layout.recompute == "full":
+        kept = layout.act_bytes * shape.hidden / (layout.tp if layout.sequence_parallel else 1)
+        one_mb = tokens * (kept * layers + per_layer)
+    else:
+        first = layer_activation_bytes(shape, method, layout, first=True) if stage == 0 else per_layer
+        one_mb = tokens * (per_layer * (layers - 1) + first) + layers * weight_cast_bytes(shape, method, layout)
+    if stage == layout.pp - 1:
+        one_mb += tokens * (4 * shape.hidden + 4) / (layout.tp if layout.sequence_parallel else 1)  # final norm
+    if layout.pp == 1:
+        return one_mb
+    in_flight = min(layout.pp - stage, layout.grad_accum)
+    if layout.vp > 1 and stage == 0:
+        in_flight = min(layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.vp)), layout.grad_accum)
+    return one_mb * in_flight
+
+
+def weight_cast_bytes(shape: ModelShape, method: Any, layout: Layout) -> int:
+    """Per layer and micro-batch: the activation-dtype copies of weights that a GEMM saves for its input gradient
+    when weight and activation dtypes differ (fp32 adapters under bf16; fp32 frozen weights under autocast)."""
+    a = layout.act_bytes
+    total = 0
+    if method is not None and a != 4:
+        cls = adapter_class(method)
+        total += a * sum(cls.trainable_numel(s, method.options)
+                         for s in target_sites(shape, method.target_modules, layout.tp, layout.weight_bytes))
+    if layout.weight_bytes != a:
+        total += a * (shape.layer_params() - 2 * shape.hidden) // layout.tp
+    return total
+
+
+def logits_saved_bytes(shape: ModelShape, layout: Layout) -> int:
+    """The fp32 log-softmax the loss saves for one micro-batch (V split by TP)."""
+    return 4 * layout.micro_batch * layout.seq_len * shape.vocab // layout.tp
+
+
+def stage_memory(shape: ModelShape, method: Any, layout: Layout) -> list[StageMemory]:
+    """Per-rank bytes of every pipeline stage."""
+    if shape.layers % (layout.pp * layout.vp):
+        raise ValueError(f"num_hidden_layers {shape.layers} % (pipeline {layout.pp} × virtual {layout.vp})")
+    per_stage = shape.layers // layout.pp
+    cls = adapter_class(method) if method is not None else None
+    sites = list(target_sites(shape, method.target_modules, layout.tp, layout.weight_bytes)) if cls else []
+    out = []
+    for p in range(layout.pp):
+        st = StageMemory(p, per_stage)
+        frozen = per_stage * _layer_local_params(shape, layout.tp)
+        if p == 0:
+            frozen += shape.embedding_params() // layout.tp
+        if p == layout.pp - 1:
+            frozen += shape.hidden + (shape.vocab * shape.hidden // layout.tp
+                                      if not shape.tie_embeddings or layout.pp > 1 else 0)
+        trainable = sum(cls.trainable_numel(s, method.options) for s in sites) * per_stage if cls else 0
+        for s in sites:
+            own, shared = cls.buffer_bytes(s, method.options)
+            st.buffers += own * per_stage + shared
+        _model_states(st, frozen, trainable, layout)
+        st.activations = int(activation_bytes(shape, method, layout, p, per_stage))
+        if p == layout.pp - 1:
+            st.logits = int(logits_saved_bytes(shape, layout) * (2 + layout.act_bytes / 4))  # + its gradient, logits
+        out.append(st)
+    return out
+
+
+def _layer_local_params(shape: ModelShape, tp: int) -> int:
+    """One decoder layer's parameters on one TP rank: projections and their biases split, norms replicated."""
+    return (shape.layer_params() - 2 * shape.hidden) // tp + 2 * shape.hidden
+
+
+def _model_states(st: StageMemory, frozen: int, trainable: int, layout: Layout) -> None:
+    dp, z = layout.dp, layout.zero
+    st.frozen = layout.weight_bytes * (frozen if z < 3 else math.ceil(frozen / dp) + min(layout.zero3_live, frozen))
+    st.adapters = 4 * (trainable if z < 3 else math.ceil(trainable / dp))
+    part = math.ceil(trainable / dp)
+    st.gradients = 4 * (trainable if z < 2 else part)
+    st.optimizer = 8 * part if z else 8 * trainable
+    if z:
+        st.optimizer += 4 * part  # DeepSpeed's fp32 copy of this rank's partition
