@@ -7,6 +7,7 @@ start-up dominates, so the stages share it)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 
@@ -79,6 +80,8 @@ class _Rescaler(Controller):
 
 
 STAGES = (1, 2, 3)
+DEPTHS = (1, 3)
+"""Decoder layers of the two models whose collectives per controller hook are compared."""
 
 
 def _method_cfg(root, world, name, stage=None):
@@ -88,6 +91,52 @@ def _method_cfg(root, world, name, stage=None):
     zero = None if stage is None else ZERO3 if stage == 3 else {"zero_stage": stage}
     raw = _cfg(f"{root}/{name}-{world}-z{stage}", world, zero, train=METHOD_TRAIN, **sections).to_dict()
     return from_dict({**raw, "method": method})  # the whole section: tiny_config would merge LoRA's keys in
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor",
+                "reduce_scatter", "all_to_all_single", "reduce", "gather", "scatter", "all_gather_object", "barrier")
+
+
+@contextlib.contextmanager
+def _counting_collectives():
+    """Inside: every torch.distributed collective call (ours through parallel/collectives.py, DeepSpeed's through
+    deepspeed.comm) is counted in the yielded list's one element."""
+    import torch.distributed as dist
+
+    calls, saved = [0], {name: getattr(dist, name) for name in _COLLECTIVES}
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            calls[0] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    for name, fn in saved.items():
+        setattr(dist, name, counted(fn))
+    try:
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def _hook_collectives(root, stage, layers) -> dict:
+    """Collective calls of each controller hook (its engine view included) in one step of the _Rescaler run on a
+    model with `layers` decoder layers."""
+    zero = ZERO3 if stage == 3 else {"zero_stage": stage}
+    t = Trainer(_cfg(f"{root}/count-z{stage}-{layers}", WORLD, zero, train={**TRAIN, "grad_accum": 1},
+                     model={"tiny": {"num_hidden_layers": layers}}), echo=lambda m: None)
+    t.controller = _Rescaler(t.controller.adapters)
+    counts, run = {}, t.ds._run_hook
+
+    def counted(controller, name, ctx):
+        with _counting_collectives() as calls:
+            run(controller, name, ctx)
+        counts[name] = calls[0]
+
+    t.ds._run_hook = counted
+    t.train_step()
+    return {"counts": counts, "tensors": len(t.params)}
 
 
 def _record(trainer):
@@ -162,6 +211,9 @@ def _zero_runs(root: str) -> dict:
                 out[name, stage] = _record(t)
             except Exception as e:  # noqa: BLE001 — handed to the test
                 out[name, stage] = f"{type(e).__name__}: {e}"
+    for stage in STAGES:
+        for layers in DEPTHS:
+            out["count", stage, layers] = _hook_collectives(root, stage, layers)
     # Results go through a file: a large result in the harness's queue would block the worker's exit.
     with open(f"{root}/result_{collectives.group_rank()}.pkl", "wb") as f:
         pickle.dump(out, f)
@@ -186,6 +238,19 @@ def test_every_other_method_under_zero_matches_the_single_process_run(zero_runs,
         got = results[0][name, stage]
         assert not isinstance(got, str), (stage, got)
         _assert_same_run(got, _record(t), rtol=2e-5, atol=2e-5)
+
+
+def test_collectives_per_zero_controller_hook_do_not_grow_with_the_layers(zero_runs):
+    """Under ZeRO-1, 2 and 3 each controller hook, with the engine's view of whole values, gradients and moments,
+    makes as many torch.distributed calls (DeepSpeed's included) on a model of 3 decoder layers as on one of 1
+    (3× the trainable tensors), and at most 3: one flat buffer per hook, not one call per tensor."""
+    _, results = zero_runs
+    for stage in STAGES:
+        few, many = (results[0]["count", stage, layers] for layers in DEPTHS)
+        assert many["tensors"] == DEPTHS[1] * few["tensors"]
+        assert set(few["counts"]) == {"before_optimizer_step", "after_optimizer_step"}
+        assert few["counts"] == many["counts"], (stage, few, many)
+        assert max(few["counts"].values()) <= 3, (stage, few)
 
 
 def _single(tmp_path, name, controller=None, **kw):
