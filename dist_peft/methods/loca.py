@@ -77,6 +77,13 @@ Decisions (specs/loca.md §8):
 - Decision (specs/loca.md §8.8): m = out_features (rows of nn.Linear.weight), as the ref-code.
 - Decision (specs/loca.md §7.4): the initial locations are drawn whole from the torch RNG on every shard, so
   all ranks of a split hold the same (a, l); adapter math runs in fp32 whatever the activation dtype (§7.5).
+- Decision (host syncs): the host reads only the numbers of distinct frequencies (cost model, gathered-path
+  sizes), for all sites at once when the locations change (``refresh_locations``): one sync in the first
+  forward after a location step, none in coefficient steps, none per layer or micro-batch.
+- Decision (determinism): every scatter with repeated indices is reproducible on CUDA: the spectral path's
+  column scatter uses the sort-based ``index_put_(accumulate=True)`` there (``_add_columns``; CUDA's
+  ``index_add_`` uses atomics), the gathered and dense paths' ``index_put_`` already does, the sampled products
+  are gathers and fixed-order sums. Two runs on one GPU give bitwise-equal LoCA outputs and gradients.
 """
 
 from __future__ import annotations
@@ -170,7 +177,10 @@ def path_costs(tokens: int, m: int, n: int, m_local: int, n_local: int, budget: 
 
 class _Locations:
     """Rounded locations (global frequency indices) and what is derived from them; rebuilt only when
-    ``loca_loc`` changes, i.e. in location steps."""
+    ``loca_loc`` changes, i.e. in location steps.
+
+    The numbers of distinct frequencies (``counts``) are the only values the host reads (the cost model and the
+    gathered path's matrix sizes depend on them): ``refresh_locations`` reads them for all sites at once."""
 
     def __init__(self, loc: Tensor, m: int, n: int):
         unit = loc.detach().clamp(0, 1)
@@ -178,14 +188,28 @@ class _Locations:
         self.cols = torch.round(unit[1] * (n - 1)).long()
         self.m, self.n = m, n
         self._derived: dict = {}
+        self.counts: tuple[int, ...] | None = None
+        """Distinct rows, columns, rows with their ±1 neighbours, columns with theirs."""
+
+    def present(self, axis: int, neighbours: bool) -> Tensor:
+        """(size,) bool: the frequencies along ``axis`` (0: m, 1: n) that a location (or its neighbour) takes."""
+        return self.derived(("present", axis, neighbours), lambda: _presence(
+            self.rows if axis == 0 else self.cols, self.m if axis == 0 else self.n, neighbours))
+
+    def count_tensor(self) -> Tensor:
+        """The four ``counts`` as a (4,) device tensor (no host sync)."""
+        return torch.stack([self.present(axis, nb).sum() for nb in (False, True) for axis in (0, 1)])
 
     def derived(self, key, build: Callable):
         if key not in self._derived:
             self._derived[key] = build()
         return self._derived[key]
 
-    def distinct(self) -> tuple[int, int]:
-        return self.derived("distinct", lambda: (self.rows.unique().numel(), self.cols.unique().numel()))
+    def distinct(self, neighbours: bool = False) -> tuple[int, int]:
+        """Distinct (rows, columns), with their ±1 neighbours if ``neighbours``."""
+        if self.counts is None:
+            self.counts = tuple(self.count_tensor().tolist())
+        return self.counts[2:] if neighbours else self.counts[:2]
 
     def spectral_index(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(slot_m, sign_m, slot_n, sign_n): packed-layout positions and signs of every frequency (ops.dct)."""
@@ -221,21 +245,26 @@ class _Gathered:
     """D[column set, local input positions], (cols x n_local)."""
 
 
-def _frequency_set(idx: Tensor, size: int, neighbours: bool) -> tuple[Tensor, Tensor]:
-    """(distinct frequencies of ``idx``, with their ±1 neighbours for Eq. 5; lookup from frequency to position)."""
+def _presence(idx: Tensor, size: int, neighbours: bool) -> Tensor:
+    """(size,) bool marking the entries of ``idx`` (and their ±1 neighbours, clamped, for Eq. 5)."""
     if neighbours:
         idx = torch.cat([idx, (idx - 1).clamp(min=0), (idx + 1).clamp(max=size - 1)])
-    freqs = idx.unique()
-    lookup = torch.full((size,), -1, dtype=torch.long, device=idx.device)
-    lookup[freqs] = torch.arange(freqs.numel(), device=idx.device)
-    return freqs, lookup
+    return torch.zeros(size, dtype=torch.bool, device=idx.device).index_fill_(0, idx, True)
+
+
+def _frequency_set(present: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """(the ``count`` marked frequencies, ascending; lookup from frequency to position, -1 where unmarked), without
+    a host sync: ``count`` is known, so a stable sort of the marks replaces ``unique``."""
+    freqs = torch.sort((~present).to(torch.uint8), stable=True).indices[:count]
+    return freqs, torch.where(present, present.cumsum(0) - 1, -1)
 
 
 def _gathered(plan: _Plan) -> _Gathered:
     def build() -> _Gathered:
         locs = plan.locs
-        set_r, lookup_r = _frequency_set(locs.rows, plan.m, plan.need_loc)
-        set_c, lookup_c = _frequency_set(locs.cols, plan.n, plan.need_loc)
+        rows, cols = locs.distinct(plan.need_loc)
+        set_r, lookup_r = _frequency_set(locs.present(0, plan.need_loc), rows)
+        set_c, lookup_c = _frequency_set(locs.present(1, plan.need_loc), cols)
         out_pos = torch.arange(plan.out_slice.start, plan.out_slice.stop, device=set_r.device)
         in_pos = torch.arange(plan.in_slice.start, plan.in_slice.stop, device=set_r.device)
         return _Gathered(lookup_r, lookup_c, dct_basis(plan.m, set_r, out_pos), dct_basis(plan.n, set_c, in_pos))
@@ -264,6 +293,25 @@ def _columns(t: Tensor, idx: Tensor) -> Tensor:
     cache-resident row of ``t``; ``index_select`` along dim 1 copies column by column and is ~4x slower on CPU
     for unsorted indices."""
     return torch.gather(t, 1, idx.expand(t.shape[0], -1))
+
+
+def _add_columns(z: Tensor, idx: Tensor, src: Tensor) -> Tensor:
+    """z[:, idx[j]] += src[:, j] for every j, repeated indices summed (the spectral path's scatter), in place.
+    Decision (determinism): on CPU ``index_add_`` (a serial loop: deterministic, and the tests' reference); on
+    other devices ``_add_columns_sorted``, because CUDA's ``index_add_`` adds with atomics, in an order that
+    changes from run to run."""
+    if z.device.type == "cpu":
+        return z.index_add_(1, idx, src)
+    return _add_columns_sorted(z, idx, src)
+
+
+def _add_columns_sorted(z: Tensor, idx: Tensor, src: Tensor) -> Tensor:
+    """``_add_columns`` by ``index_put_(accumulate=True)``, which CUDA always computes by sorting the B indices
+    and summing each run of equal ones in that order: bitwise reproducible whatever
+    ``torch.use_deterministic_algorithms`` says, at the cost of a sort of B indices per call (the gather and
+    scale already read T x B values)."""
+    z.T.index_put_((idx,), src.T, accumulate=True)
+    return z
 
 
 def _central_difference(k_at: Callable, rows: Tensor, cols: Tensor, size: int, axis: int) -> Tensor:
@@ -332,7 +380,7 @@ class _SpectralFn(torch.autograd.Function):
         rows, cols = plan.locs.rows, plan.locs.cols
         z = xhat.new_zeros(xhat.shape[0], packed_size(plan.m))
         scaled = coef * (sign_m[rows] * sign_n[cols] * plan.scale)
-        z.index_add_(1, slot_m[rows], _columns(xhat, slot_n[cols]).mul_(scaled))  # gather, scale, scatter
+        _add_columns(z, slot_m[rows], _columns(xhat, slot_n[cols]).mul_(scaled))  # gather, scale, scatter
         ctx.save_for_backward(xhat, coef)
         ctx.plan = plan
         return _take(idct_packed(z, plan.m, overwrite=True), plan.out_slice)
@@ -354,7 +402,7 @@ class _SpectralFn(torch.autograd.Function):
         g_xhat = None
         if ctx.needs_input_grad[0]:  # Sᵀ Ĝ per token: gather at l̂¹, scale by a, scatter at l̂² (after k_at)
             scaled = coef * (sign_m[rows] * sign_n[cols] * plan.scale)
-            g_xhat = torch.zeros_like(xhat).index_add_(1, slot_n[cols], gz_rows.mul_(scaled))
+            g_xhat = _add_columns(torch.zeros_like(xhat), slot_n[cols], gz_rows.mul_(scaled))
         return g_xhat, *grads, None
 
 
@@ -417,12 +465,30 @@ def dense_update(coef: Tensor, rows: Tensor, cols: Tensor, m: int, n: int, out_s
     return idct(w, dim=1)[:, in_slice].mul_(scale).contiguous()
 
 
+def refresh_locations(adapters: tuple[LocaAdapter, ...]) -> None:
+    """Re-index the rounded locations of every adapter in ``adapters`` whose ``loca_loc`` changed; the numbers of
+    distinct frequencies that the cost model and the gathered path need are read in one host sync for all of
+    them (so a step syncs once, at its first forward after a location step, whatever the number of layers)."""
+    stale = [a for a in adapters if a._locs is None or a._locs[0] != a._locations_key()]
+    locs = [_Locations(a.loca_loc, a.site.out_features, a.site.in_features) for a in stale]
+    counted = [loc for a, loc in zip(stale, locs) if a.cfg.path in ("auto", "gathered")]
+    if counted:
+        for loc, counts in zip(counted, torch.stack([loc.count_tensor() for loc in counted]).tolist()):
+            loc.counts = tuple(counts)
+    for a, loc in zip(stale, locs):
+        a._locs = (a._locations_key(), loc)
+
+
 class LocaController(Controller):
-    """The alternating schedule of Algorithm 1 over all LoCA adapters, by optimizer step (module docstring)."""
+    """The alternating schedule of Algorithm 1 over all LoCA adapters, by optimizer step (module docstring).
+    Host syncs: one per step that follows a location step (``refresh_locations``), none otherwise."""
 
     def __init__(self, adapters: Mapping[str, Adapter]):
         super().__init__(adapters)
         self.cfg: LocaConfig = next(iter(self.adapters.values())).cfg
+        peers = tuple(self.adapters.values())
+        for adapter in peers:
+            adapter.peers = peers
         self.next_step = 0
         """The optimizer step the next forward/backward belongs to."""
         self._set_phase(0)
@@ -441,9 +507,9 @@ class LocaController(Controller):
         for adapter in self.adapters.values():
             (adapter.loca_coef if location else adapter.loca_loc).grad = None
             grad, clip = adapter.loca_loc.grad, self.cfg.loc_grad_clip
-            if grad is not None and clip is not None:
-                limit = clip * grad.new_tensor([[adapter.site.out_features - 1], [adapter.site.in_features - 1]])
-                grad.clamp_(-limit, limit)
+            if grad is not None and clip is not None:  # Python limits: no host-to-device copy per site
+                for row, size in enumerate((adapter.site.out_features, adapter.site.in_features)):
+                    grad[row].clamp_(-clip * (size - 1), clip * (size - 1))
 
     @torch.no_grad()
     def after_optimizer_step(self, ctx: StepContext) -> None:
@@ -482,12 +548,16 @@ class LocaAdapter(Adapter):
         # Which gradients the next backward computes; LocaController sets them per optimizer step.
         self.train_coef, self.train_loc = True, cfg.learns_locations
         self._locs: tuple[tuple, _Locations] | None = None
+        self.peers: tuple[LocaAdapter, ...] = (self,)
+        """The adapters whose changed locations are re-indexed together (``LocaController`` sets all of them)."""
         self._delta: tuple[tuple, Tensor] | None = None
 
+    def _locations_key(self) -> tuple:
+        return self.loca_loc._version, self.loca_loc.data_ptr()
+
     def _locations(self) -> _Locations:
-        key = (self.loca_loc._version, self.loca_loc.data_ptr())
-        if self._locs is None or self._locs[0] != key:
-            self._locs = (key, _Locations(self.loca_loc, self.site.out_features, self.site.in_features))
+        if self._locs is None or self._locs[0] != self._locations_key():
+            refresh_locations(self.peers)
         return self._locs[1]
 
     def _plan(self, tokens: int) -> _Plan:

@@ -117,5 +117,5 @@ def dct_basis(n: int, freqs: Tensor, positions: Tensor, dtype: torch.dtype = tor
     j = positions.to(device=freqs.device, dtype=torch.int64)[None, :]
     phase = ((2 * j + 1) * k) % (4 * n)  # exact integer argument reduction: the cosine has period 4N in it
     scale = torch.full(k.shape, math.sqrt(2.0 / n), dtype=dtype, device=freqs.device)
-    scale[k == 0] = math.sqrt(1.0 / n)
+    scale.masked_fill_(k == 0, math.sqrt(1.0 / n))  # not scale[k == 0] = …: mask indexing syncs with the host
     return scale * torch.cos(phase.to(dtype) * (math.pi / (2 * n)))
