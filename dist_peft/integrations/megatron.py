@@ -15,11 +15,28 @@ transformers engine. The price is three (two) GEMMs instead of one fused GEMM pe
 
 Collectives: a column site passes its input once through ``copy_to_region`` (the dgrad all-reduce megatron's
 ColumnParallelLinear would do) and a row site reduces base + adapter partial outputs once with
-``reduce_from_region``: an adapter adds no per-token collective. Sequence parallelism is not supported.
+``reduce_from_region``: an adapter adds no per-token collective. With sequence parallelism the same two places
+all-gather the sequence-split input (``gather_sequence``; the adapter reads that gathered input, no gather of its
+own) and reduce-scatter base + adapter partial outputs once (``scatter_sequence``), as megatron's own linears do.
+
+Layer spec (``layer_spec``): megatron-core's local spec with two modules replaced. Core attention is PyTorch's
+``scaled_dot_product_attention`` (``SDPAttention``: flash / memory-efficient kernels on GPUs, never a b×heads×s×s
+score tensor; megatron's local ``DotProductAttention`` materialises one per layer), and the norms are plain torch
+RMSNorms that also run sequence-parallel (megatron's ``WrappedTorchNorm`` refuses it; these norms are frozen, so
+the gradient all-reduce of norm weights that megatron adds under sequence parallelism is not needed). Transformer
+Engine specs are not used: the sites are replaced by CanonicalSites anyway and TE's fused attention needs CUDA
+and a TE install that this project does not test.
+
+Activation recompute (``recompute`` section) is megatron's own (``recompute_granularity`` / ``_method`` /
+``_num_layers``). Its full recompute is a re-entrant checkpoint, which returns no gradient unless the layers'
+input needs one; with a frozen embedding it does not, so the first stage marks the embedding output as needing a
+gradient (one extra [s, b, h] gradient, and under TP the first layer's dgrad all-reduce) or the adapters of that
+stage would get none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +50,9 @@ from torch import Tensor, nn
 from dist_peft.integrations.transformers import AdaptedLinear, seeded, site_seed
 from dist_peft.methods.base import Site, get_method
 from dist_peft.parallel import collectives
-from dist_peft.parallel.regions import copy_to_region, reduce_from_region
+from dist_peft.parallel.regions import copy_to_region, gather_sequence, reduce_from_region, scatter_sequence
 from dist_peft.parallel.shard import ShardKind, ShardSpec
-from dist_peft.train.config import ConfigError
+from dist_peft.train.config import ConfigError, RecomputeConfig
 
 
 @dataclass(frozen=True)
@@ -84,7 +101,23 @@ def check_layout(hf_config: Any, tp: int, pp: int, vp: int = 1) -> None:
                          f"{'; '.join(problems)}")
 
 
-def transformer_config(hf: Any, tp: int, pp: int, dtype: torch.dtype, vp: int = 1) -> Any:
+def recompute_kwargs(recompute: RecomputeConfig | None, layers_per_chunk: int) -> dict[str, Any]:
+    """megatron's ``recompute_*`` arguments for the run's ``recompute`` section. ``num_layers`` None means 1 for
+    uniform (every layer on its own) and every layer of the chunk for block; a uniform group must divide the layers
+    of each model chunk (megatron would index past the chunk)."""
+    if recompute is None:
+        return {}
+    if recompute.granularity == "selective":
+        return {"recompute_granularity": "selective"}  # megatron's default modules: core attention
+    n = recompute.num_layers or (1 if recompute.method == "uniform" else layers_per_chunk)
+    if recompute.method == "uniform" and layers_per_chunk % n:
+        raise ConfigError(f"recompute.num_layers: uniform groups of {n} layers do not divide the {layers_per_chunk} "
+                          f"layers of each model chunk")
+    return {"recompute_granularity": "full", "recompute_method": recompute.method, "recompute_num_layers": n}
+
+
+def transformer_config(hf: Any, tp: int, pp: int, dtype: torch.dtype, vp: int = 1, sequence_parallel: bool = False,
+                       recompute: RecomputeConfig | None = None) -> Any:
     """megatron ``TransformerConfig`` of a Llama / Mistral / Qwen2-shaped HF config."""
     from megatron.core.transformer import TransformerConfig
 
@@ -100,7 +133,8 @@ def transformer_config(hf: Any, tp: int, pp: int, dtype: torch.dtype, vp: int = 
         virtual_pipeline_model_parallel_size=vp if vp > 1 else None,
         bf16=dtype == torch.bfloat16, use_cpu_initialization=True, perform_initialization=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False, calculate_per_token_loss=True,
+        gradient_accumulation_fusion=False, calculate_per_token_loss=True, sequence_parallel=sequence_parallel,
+        **recompute_kwargs(recompute, hf.num_hidden_layers // (pp * vp)),
         batch_p2p_comm=not cpu)  # gloo: batched p2p is wrong for interleaved schedules (cpu_stack.md §4)
 
 
@@ -167,22 +201,25 @@ class HFCheckpoint:
 class CanonicalSite(nn.Module):
     """A megatron parallel linear as its HF projections (each a frozen ``nn.Linear`` or an ``AdaptedLinear``).
 
-    Column: y_local = fuse([p(x̃) for p in parts]) with x̃ = copy_to_region(x). Row: y = reduce(p(x_local)).
-    Returns megatron's ``(output, bias)`` pair (bias None: biases live inside the projections).
+    Column: y_local = fuse([p(x̃) for p in parts]) with x̃ = copy_to_region(x) (sequence parallel: the all-gathered
+    x). Row: y = reduce(p(x_local)) (sequence parallel: reduce-scatter). Returns megatron's ``(output, bias)`` pair
+    (bias None: biases live inside the projections).
     """
 
     def __init__(self, kind: ShardKind, parts: dict[str, nn.Module], fuse: Callable[[list[Tensor]], Tensor],
-                 tp_group: Any):
+                 tp_group: Any, sequence_parallel: bool = False):
         super().__init__()
         self.kind, self.fuse, self.tp_group = kind, fuse, tp_group
         self.parts = nn.ModuleDict(parts)
+        self.enter, self.leave = (gather_sequence, scatter_sequence) if sequence_parallel else \
+            (copy_to_region, reduce_from_region)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
         if self.kind is ShardKind.COLUMN:
-            x = copy_to_region(x, self.tp_group)
+            x = self.enter(x, self.tp_group)
             return self.fuse([p(x) for p in self.parts.values()]), None
         (part,) = self.parts.values()
-        return reduce_from_region(part(x), self.tp_group), None
+        return self.leave(part(x), self.tp_group), None
 
 
 def _fuse_qkv(groups: int) -> Callable[[list[Tensor]], Tensor]:
@@ -233,14 +270,14 @@ def _shape(ckpt: HFCheckpoint, key: str) -> list[int]:
 
 
 def _replace_sites(layer: nn.Module, g: int, ckpt: HFCheckpoint, layout: Layout, dtype: torch.dtype,
-                   groups_local: int) -> list[tuple[CanonicalSite, str]]:
+                   groups_local: int, sequence_parallel: bool) -> list[tuple[CanonicalSite, str]]:
     """Swap the four parallel linears of decoder layer ``g`` for CanonicalSites; returns (site, part) pairs."""
     made = []
     for path, (names, kind) in SITES.items():
         parent, _, attr = path.rpartition(".")
         parts = {n.rpartition(".")[2]: _frozen_linear(ckpt, f"model.layers.{g}.{n}", kind, layout, dtype) for n in names}
         fuse = _fuse_qkv(groups_local) if attr == "linear_qkv" else _cat if len(parts) > 1 else _single
-        site = CanonicalSite(kind, parts, fuse, layout.tp_group)
+        site = CanonicalSite(kind, parts, fuse, layout.tp_group, sequence_parallel)
         setattr(layer.get_submodule(parent), attr, site)
         made += [(site, f"model.layers.{g}.{n}") for n in names]
     return made
@@ -274,12 +311,84 @@ def _load_replicated(model: nn.Module, ckpt: HFCheckpoint, layout: Layout, hf: A
             p.copy_(value.to(dtype))
 
 
-def build_model(hf_folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[list[nn.Module], Any, list]:
+class SDPAttention(nn.Module):
+    """megatron's core attention (q, k, v [s, b, heads, d] → [s, b, heads · d]) as one causal
+    ``F.scaled_dot_product_attention`` with grouped keys and values (``enable_gqa``): no [b, heads, s, s] scores are
+    kept. The attention mask is ignored (causal by construction: padding follows the text and is masked out of the
+    loss). Configurations it cannot express are refused when the model is built."""
+
+    def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str = "self",
+                 attention_dropout: float | None = None, softmax_scale: float | None = None, **_: Any):
+        super().__init__()
+        from megatron.core.transformer.enums import AttnMaskType
+
+        problems = [f"{name} {value!r}" for name, value, fine in (
+            ("attn_mask_type", attn_mask_type, attn_mask_type == AttnMaskType.causal),
+            ("context_parallel_size", config.context_parallel_size, config.context_parallel_size == 1),
+            ("window_size", config.window_size, config.window_size is None),
+            ("softmax_type", getattr(config, "softmax_type", "vanilla"), getattr(config, "softmax_type", "vanilla") == "vanilla"),
+            ("apply_query_key_layer_scaling", config.apply_query_key_layer_scaling, not config.apply_query_key_layer_scaling),
+        ) if not fine]
+        if problems:
+            raise ConfigError(f"attention: SDPA core attention supports causal self-attention only; got {', '.join(problems)}")
+        self.config, self.scale = config, softmax_scale
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None = None,
+                attn_mask_type: Any = None, attention_bias: Tensor | None = None, packed_seq_params: Any = None,
+                **_: Any) -> Tensor:
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("SDPAttention: attention_bias and packed sequences are not supported")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        p = self.dropout if self.training else 0.0
+        fork = contextlib.nullcontext()
+        if p and not self.config.sequence_parallel:  # megatron's rule: TP ranks draw different head masks
+            from megatron.core import tensor_parallel
+
+            fork = tensor_parallel.get_cuda_rng_tracker().fork()
+        with fork:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scale,
+                                                 enable_gqa=k.shape[1] != q.shape[1])
+        return out.permute(2, 0, 1, 3).flatten(2)
+
+
+class FrozenRMSNorm(nn.RMSNorm):
+    """megatron's local RMSNorm (``WrappedTorchNorm``: torch's RMSNorm) built from megatron's arguments, without its
+    refusal of sequence parallelism: on a sequence shard the norm is the same per-token function, and its weight is
+    frozen, so no gradient sum over the shards is needed."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any):
+        super().__init__(hidden_size, eps=eps)
+
+
+def layer_specs(config: Any, vp_stage: int | None) -> Any:
+    """The block spec of one model chunk: megatron's local layer spec with SDPA core attention and FrozenRMSNorm
+    norms (layers and final norm)."""
+    from dataclasses import replace
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    sub = layer.submodules
+    attention = replace(sub.self_attention, submodules=replace(sub.self_attention.submodules, core_attention=SDPAttention))
+    layer = replace(layer, submodules=replace(sub, input_layernorm=FrozenRMSNorm, pre_mlp_layernorm=FrozenRMSNorm,
+                                              self_attention=attention))
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=FrozenRMSNorm)
+
+
+def _input_needs_grad(module: nn.Module, args: Any, out: Tensor) -> Tensor | None:
+    """Forward hook on the embedding under full recompute (module docstring)."""
+    return out.requires_grad_() if torch.is_grad_enabled() and not out.requires_grad else None
+
+
+def build_model(hf_folder: str | Path, dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
+                recompute: RecomputeConfig | None = None) -> tuple[list[nn.Module], Any, list]:
     """This stage's GPTModel chunks (one without a virtual pipeline) with HF weights, frozen; returns (chunks,
     hf_config, [(site, canonical name)])."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from transformers import AutoConfig
 
     from dist_peft.integrations import megatron_cpu
@@ -290,20 +399,22 @@ def build_model(hf_folder: str | Path, dtype: torch.dtype = torch.float32) -> tu
     vp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
     check_layout(hf, layout.tp_size, layout.pp_size, vp)
     ckpt = HFCheckpoint(hf_folder)
-    config = transformer_config(hf, layout.tp_size, layout.pp_size, dtype, vp)
+    config = transformer_config(hf, layout.tp_size, layout.pp_size, dtype, vp, sequence_parallel, recompute)
     groups_local = hf.num_key_value_heads // layout.tp_size
     chunks, sites = [], []
     for stage in range(vp):  # interleaved: this rank's chunks stage, stage + pp, … of pp × vp
         where = {"ignore_virtual": False, "vp_stage": stage} if vp > 1 else {}
-        model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=hf.vocab_size,
+        model = GPTModel(config, layer_specs(config, stage if vp > 1 else None), vocab_size=hf.vocab_size,
                          max_sequence_length=hf.max_position_embeddings,
                          pre_process=ps.is_pipeline_first_stage(**where), post_process=ps.is_pipeline_last_stage(**where),
                          share_embeddings_and_output_weights=hf.tie_word_embeddings,
                          position_embedding_type="rope", **_rope_kwargs(hf),
                          **({"vp_stage": stage} if vp > 1 else {}))
         for layer in model.decoder.layers:
-            sites += _replace_sites(layer, layer.layer_number - 1, ckpt, layout, dtype, groups_local)
+            sites += _replace_sites(layer, layer.layer_number - 1, ckpt, layout, dtype, groups_local, sequence_parallel)
         _load_replicated(model, ckpt, layout, hf, dtype)
+        if config.recompute_granularity == "full" and model.pre_process:
+            model.embedding.register_forward_hook(_input_needs_grad)
         chunks.append(model.requires_grad_(False))
     return chunks, hf, sites
 

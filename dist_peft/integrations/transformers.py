@@ -136,6 +136,26 @@ def trainable_summary(model: nn.Module) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
+def enable_recompute(model: nn.Module, recompute: Any) -> None:
+    """Activation recompute on the transformers and DeepSpeed engines (the ``recompute`` section): HF's per-decoder-
+    layer gradient checkpointing with torch's non-reentrant checkpoint. Non-reentrant, so the frozen embedding needs
+    no gradient and the recomputed forward only refills saved tensors: the backward runs once through the original
+    graph, and a method's backward hooks (FO-LoRA's refit capture, LoCA's location gradients) fire once per
+    micro-batch. ``uniform`` checkpoints every layer (HF's unit is one layer, so ``num_layers`` must be 1);
+    ``block`` the first ``num_layers`` decoder layers (None: all)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from dist_peft.train.config import ConfigError
+
+    if recompute.granularity != "full" or (recompute.method == "uniform" and (recompute.num_layers or 1) != 1):
+        raise ConfigError(f"recompute: the transformers and DeepSpeed engines recompute single whole layers "
+                          f"(granularity full, uniform with num_layers 1, or block); got {recompute}")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recompute.method == "block" and recompute.num_layers is not None:
+        for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)][recompute.num_layers:]:
+            layer.gradient_checkpointing = False
+
+
 def set_merged(model: nn.Module, merged: bool) -> None:
     for site in adapted_sites(model).values():
         site.merge() if merged else site.unmerge()

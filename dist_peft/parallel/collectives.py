@@ -120,6 +120,18 @@ def all_gather_cat(t: Tensor, dim: int, group: Any = None) -> Tensor:
     return torch.cat(parts, dim=dim).to(t.device)
 
 
+def reduce_scatter(t: Tensor, group: Any = None) -> Tensor:
+    """Sum ``t`` over ``group`` and return this rank's slice of the sum along dim 0 (which the size divides)."""
+    size = group_size(group)
+    if size == 1:
+        return t
+    work = _on_backend(t.contiguous(), group)
+    out = work.new_empty((work.shape[0] // size, *work.shape[1:]))
+    with TRACE.record("reduce_scatter", t.numel() * t.element_size(), group):  # torch < 2.13: reduce_scatter_tensor
+        (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, work, group=group)
+    return out.to(t.device)
+
+
 def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
     """Every rank's picklable ``obj`` in group rank order (small metadata: names, digests). Bytes are counted as
     the pickled size times the group size."""
