@@ -3,6 +3,7 @@ orthogonality, ranks, App. E's gradients, virtual shards, the greedy allocation 
 gradient spectrum, least-squares optimality of the refit (and under virtual shards), and the multitask
 pipeline (config, mixture order, per-task eval, masks in adapter files and checkpoints, exact resume)."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -10,11 +11,12 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from dist_peft.integrations.transformers import adapted_sites, load_adapter
+from dist_peft.integrations.transformers import adapted_sites, inject_adapters, load_adapter
 from dist_peft.methods.base import Site, StepContext
 from dist_peft.methods.folora import (FoloraAdapter, FoloraConfig, FoloraController, default_allocation,
-                                      greedy_allocation, task_masks)
+                                      greedy_allocation, refit_delta, task_masks)
 from dist_peft.methods.lora import LoraAdapter, LoraConfig
+from dist_peft.parallel import collectives
 from dist_peft.parallel.shard import ShardSpec
 from dist_peft.train import checkpoint as ckpt
 from dist_peft.train.config import ConfigError, from_dict
@@ -22,6 +24,7 @@ from dist_peft.train.data import MixedOrder
 from dist_peft.train.export import export
 from dist_peft.train.loop import Trainer
 from dist_peft.train.models import build_tiny_llama
+from host_syncs import ToyStack, syncs_per_step
 from virtual_shards import compare_with_unsplit
 
 M, N, R = 12, 16, 3
@@ -224,6 +227,83 @@ def test_calibration_spectra_of_virtual_shards_sum_to_the_unsplit_energy(kind):
     torch.testing.assert_close(got, energy, rtol=1e-4, atol=1e-4)
 
 
+def _calibrate_counting(model, adapters, budget, monkeypatch):
+    """Stage 1 on ``model`` with ``calibration_bytes = budget``, recording the peak bytes of the tensors it holds
+    for the method — the distinct storages of all sites' spectra plus whatever a reduction is handed — at every
+    micro-batch's accumulation and every reduction, and the reduction calls. Returns (peak, calls, bins)."""
+    cfg = dataclasses.replace(next(iter(adapters.values())).cfg, calibration_bytes=budget)
+    for a in adapters.values():
+        a.cfg = cfg
+    record = {"peak": 0, "calls": 0}
+
+    def held(extra=()):
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in [a.calib_spectrum for a in adapters.values() if a.calib_spectrum is not None] + list(extra)}
+        record["peak"] = max(record["peak"], sum(storages.values()))
+
+    accumulate, all_reduce, coalesced = FoloraAdapter.accumulate_spectrum, collectives.all_reduce, \
+        collectives.all_reduce_coalesced
+
+    def counting_accumulate(self, x, g):
+        accumulate(self, x, g)
+        held()
+
+    def counting_all_reduce(t, group=None, op="sum"):
+        record["calls"] += 1
+        held([t])
+        return all_reduce(t, group, op)
+
+    def counting_coalesced(tensors, group=None, op="sum"):
+        record["calls"] += 1
+        held(tensors)
+        return coalesced(tensors, group, op)
+
+    monkeypatch.setattr(FoloraAdapter, "accumulate_spectrum", counting_accumulate)
+    monkeypatch.setattr(collectives, "all_reduce", counting_all_reduce)
+    monkeypatch.setattr(collectives, "all_reduce_coalesced", counting_coalesced)
+
+    def draw(task, i):
+        gen = torch.Generator().manual_seed(10 * task + i)
+        return {"x": torch.randn(4, 5, 16, generator=gen) + task * torch.linspace(-2, 2, 16),
+                "h": torch.randn(4, 5, 16, generator=gen)}
+
+    FoloraController(adapters).calibrate(draw, lambda b: (model(b["x"]) * b["h"]).sum().backward())
+    monkeypatch.undo()
+    return record["peak"], record["calls"], {n: a.folora_bins.clone() for n, a in adapters.items()}
+
+
+def test_calibration_holds_one_budget_of_spectra_and_reduces_once_per_group_and_task(monkeypatch):
+    """Stage 1 on 8 layers with a budget of one layer's spectra: the bytes held for the method never exceed the
+    budget (the whole model's spectra are 8 times more), each group of sites costs one all-reduce per task, not
+    one per site (plus one for the number of passes), and the masks equal those of one whole-model group."""
+    torch.manual_seed(0)
+    model = ToyStack(8, width=16)
+    adapters = {n: s.adapter for n, s in inject_adapters(
+        model, "folora", FoloraConfig(r=2, num_tasks=2, calibration_batches=2), ["q_proj", "down_proj"]).items()}
+    layer = sum(a.spectrum_bytes() for n, a in adapters.items() if ".0." in n)  # 32 x 9 + 16 x 17 complex64
+    whole = sum(a.spectrum_bytes() for a in adapters.values())
+    assert whole == 8 * layer
+    peak, calls, bins = _calibrate_counting(model, adapters, layer, monkeypatch)
+    assert peak <= layer < whole, (peak, layer)
+    assert calls == 1 + 8 * 2  # the pass count; one per layer group and task (16 sites, 2 tasks)
+    peak_one, calls_one, bins_one = _calibrate_counting(model, adapters, whole, monkeypatch)
+    assert peak_one == whole and calls_one == 1 + 2
+    for name, b in bins.items():
+        assert torch.equal(b, bins_one[name]), name
+    assert any(not torch.equal(b, default_allocation(b.numel(), 2, adapters[n].k)) for n, b in bins.items())
+
+
+def test_steps_sync_the_host_a_constant_number_of_times():
+    """Mixed-task micro-batches and a refit every step: one sync per step for the task-id check, two for the refit
+    (token counts, predicted loss changes) and one pseudo-inverse per task and distinct k (two here), whatever
+    the number of layers (2 or 4) and micro-batches (1 or 3); a step without a refit syncs once."""
+    for refit_every, expected in [(1, [1 + 2 + 2 * 2] * 3), (2, [1, 1 + 2 + 2 * 2, 1])]:
+        cfg = FoloraConfig(r=2, num_tasks=2, calibration_batches=0, refit_every=refit_every)
+        counts = {(layers, micro): syncs_per_step("folora", cfg, layers, micro, steps=3, tasks=2)
+                  for layers, micro in [(2, 1), (4, 1), (2, 3)]}
+        assert all(c == expected for c in counts.values()), (refit_every, counts)
+
+
 def _objective(a, t, G, X, Y):
     """‖Y − ΔW_t(G) X‖² in float64 with numpy's FFT (Eq. 3, Stage 2)."""
     return float(((Y - X @ _delta_with(a, t, G).T) ** 2).sum())
@@ -268,7 +348,7 @@ def test_refit_under_virtual_shards_equals_unsplit(kind):
     x, g = torch.randn(30, N), torch.randn(30, M)
     full, state = _adapter(cfg, W=W)
     z, q = full.refit_features(x, full.refit_gradient_product(x, g), 1)
-    full.apply_refit(1, *full.refit_normal_equations(z, q), 0.3)
+    full.apply_refit(1, refit_delta(*full.refit_normal_equations(z, q), 0.3, 0.0))
     shards = []
     for k in range(2):
         spec = ShardSpec(kind, k, 2)
@@ -282,19 +362,27 @@ def test_refit_under_virtual_shards_equals_unsplit(kind):
     if kind == "column":
         ac = [(sum(p[0] for p in ac), sum(p[1] for p in ac))] * 2
     for (a, _, _), (amat, c) in zip(shards, ac):
-        a.apply_refit(1, amat, c, 0.3)
+        a.apply_refit(1, refit_delta(amat, c, 0.3, 0.0))
         torch.testing.assert_close(a.folora_G, full.folora_G, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(full.folora_G, state["folora_G"])
 
 
 def test_unknown_or_misshaped_task_ids_are_clear_errors():
-    """A task id outside [0, T) in a batch, ids that do not match the input's samples, or a bad default_task."""
+    """A task id outside [0, T) in a batch (at the step's check while training, at once without gradients), ids
+    that do not match the input's samples, or a bad default_task."""
     a, _ = _adapter(FoloraConfig(r=R, num_tasks=2))
     ctrl = FoloraController({"s": a})
-    with pytest.raises(ValueError, match=r"task_ids: \[5\] is not a vector of task ids in \[0, 2\)"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"task_ids: ids in \[0, 5\] are not all task ids in "
+                                                          r"\[0, 2\)"):
         ctrl.on_batch({"task_ids": torch.tensor([0, 5, 1])})
-    with pytest.raises(ValueError, match=r"task_ids: \[-1\]"):
-        ctrl.on_batch({"task_ids": torch.tensor([-1, 0])})
+    ctrl.on_batch({"task_ids": torch.tensor([-1, 0])})  # training: clamped on the device, raised at the step
+    ctrl.on_batch({"task_ids": torch.tensor([1, 1])})
+    assert a.task_ids.tolist() == [1, 1]
+    with pytest.raises(ValueError, match=r"task_ids: ids in \[-1, 1\]"):
+        ctrl.before_optimizer_step(StepContext(0, 1e-3, None))
+    ctrl.before_optimizer_step(StepContext(0, 1e-3, None))  # checked and cleared
+    with pytest.raises(ValueError, match="not a vector of task ids"):
+        ctrl.on_batch({"task_ids": torch.tensor([[0, 1]])})
     ctrl.on_batch({"task_ids": torch.tensor([0, 1, 1])})
     with pytest.raises(ValueError, match="one id per sample"):
         a(torch.randn(2, 4, N), torch.zeros(2, 4, M))

@@ -54,8 +54,11 @@ k x r x n tensor). Solved by the pseudo-inverse in float64 plus ``refit_ridge``�
 the first-order change of the step's loss that the refit predicts (it is not re-measured).
 Decision (interface): per-sample task ids reach the adapters through ``Controller.on_batch`` (the collated
 batch's ``task_ids``, one per sample, indexing the first dimension of every adapter input — the transformers
-[batch, seq, hidden] layout); unknown ids are a ValueError there. Inputs without ids use ``default_task``
-(single-task data, tools and tests that call an adapter directly). Merging bakes in ``default_task``'s ΔW.
+[batch, seq, hidden] layout). The ids stay on the device: the adapters get them clamped into [0, T) and the
+range is checked once per step (``before_optimizer_step``; at once when gradients are off), so an unknown id
+is a ValueError without a host sync per micro-batch; tensor ids always take the per-sample gather. Inputs
+without ids use ``default_task`` (single-task data, tools and tests that call an adapter directly). Merging
+bakes in ``default_task``'s ΔW.
 Decision: no dropout on the adapter input (the draft has none).
 
 Sharding (the base layout is mirrored, never inferred):
@@ -63,6 +66,9 @@ Sharding (the base layout is mirrored, never inferred):
   row:    V stays replicated (the FFT runs along the full n on every rank) and each rank slices its columns of
           V_t after the inverse transform; U and G are replicated; V, U, G gradients are partial sums, and the
           output is a partial sum that the base layer's all-reduce completes.
+Calibration memory: the sites are scored in consecutive groups whose spectra fit ``calibration_bytes`` (one pass
+of the calibration micro-batches per group), so a rank holds one group's spectra, never the whole model's
+(≈ 44 GB per rank at 12B, 270 GB at 70B). The masks are the same for any grouping.
 Calibration: the gradient spectrum is summed over the data-parallel group (``FoloraController.data_group``,
 None = the world, right for the Trainer's pure data parallelism), then over the split for a row split
 (zero-padded local inputs make partial spectra) before |·|²; a column split sums the energies of its rows.
@@ -73,9 +79,10 @@ A and c over the split; A and c are summed over data ranks; every rank solves th
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +107,10 @@ class FoloraConfig:
     """Task of inputs that come without task ids, and the task that ``delta_weight`` (merging) bakes in."""
     calibration_batches: int = 4
     """Micro-batches per task whose gradient spectrum scores the bins (Stage 1); 0 keeps interleaved bins."""
+    calibration_bytes: int = 4 << 30
+    """Bytes of gradient spectra (m_local x (n//2 + 1) complex64 per site) one rank holds at once during Stage 1:
+    the sites are scored in consecutive groups that fit (a larger site alone), one pass of the calibration
+    micro-batches per group (default 4 GiB: 12B ≈ 11 passes on one GPU, 70B at TP8 ≈ 9)."""
     refit_every: int = 0
     """Refit G_t by least squares (Stage 2) after every refit_every-th optimizer step's backward (0: never)."""
     refit_lr: float | None = None
@@ -116,6 +127,8 @@ class FoloraConfig:
             raise ValueError(f"frequencies_per_task: must be >= 1 or null, got {self.frequencies_per_task}")
         if not 0 <= self.default_task < self.num_tasks:
             raise ValueError(f"default_task: must be in [0, {self.num_tasks}), got {self.default_task}")
+        if self.calibration_bytes < 1:
+            raise ValueError(f"calibration_bytes: must be >= 1, got {self.calibration_bytes}")
         for name in ("calibration_batches", "refit_every", "refit_ridge"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -197,9 +210,35 @@ def _by_group(adapters: Mapping[str, FoloraAdapter], kind: ShardKind) -> dict[in
     return out
 
 
+def calibration_groups(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive indices of ``sizes`` in groups whose sum fits ``budget`` (a larger item forms a group alone)."""
+    groups: list[list[int]] = []
+    used = budget
+    for i, size in enumerate(sizes):
+        if used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += size
+    return groups
+
+
+def refit_delta(a: Tensor, c: Tensor, lr: float, ridge: float) -> Tensor:
+    """δ = −η (A + λI)⁺ c in float64 with λ = ridge · mean(diag A), for one k x k system or a batch (…, k, k)."""
+    a64 = a.double()
+    lam = ridge * a64.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(0)
+    eye = torch.eye(a.shape[-1], dtype=a64.dtype, device=a64.device)
+    pinv = torch.linalg.pinv(a64 + lam[..., None, None] * eye, hermitian=True)
+    return (-lr * (pinv @ c.double()[..., None])[..., 0]).float()
+
+
 class FoloraController(Controller):
     """Per-sample task ids to every adapter, the one-time frequency allocation (Stage 1) and the periodic
-    least-squares refit of G (Stage 2)."""
+    least-squares refit of G (Stage 2).
+
+    Host synchronisation: none per micro-batch or per site. Task ids stay on the device (their range is checked
+    once per step, in ``before_optimizer_step``); a refit step adds two syncs (its per-task token counts and its
+    predicted loss changes) and one pseudo-inverse per task and distinct k, all sites of that k batched."""
 
     def __init__(self, adapters: Mapping[str, FoloraAdapter]):
         super().__init__(adapters)
@@ -209,20 +248,43 @@ class FoloraController(Controller):
         self.step_metrics: dict[str, float] = {}
         """The last step's refit figures; the Trainer adds them to the step's log record."""
         self._captured: dict[str, list[tuple[Tensor, Tensor, Tensor]]] | None = None
+        self._id_range: Tensor | None = None
+        """(min, max) of the task ids handed out since the last check, on the device."""
+        self._index_masks()
+
+    def _index_masks(self) -> None:
+        """Build every site's per-task bin lists now (a host sync per site), when the masks are set, not in a step."""
+        for a in self.adapters.values():
+            a.task_bins(0)
 
     def set_tasks(self, ids: int | Tensor | None) -> None:
-        """Validate task ids (one task, per-sample ids, or None) and hand them to every adapter."""
+        """Hand task ids (one task, per-sample ids, or None) to every adapter. Per-sample ids stay on the device:
+        their range is checked by ``check_tasks`` (once per step; at once while gradients are off, as in
+        evaluation) and the adapters get them clamped into [0, T), so a bad id never indexes out of bounds."""
+        num_tasks = self.cfg.num_tasks
         if isinstance(ids, Tensor):
-            bad = ids[(ids < 0) | (ids >= self.cfg.num_tasks)]
-            if bad.numel() or ids.dim() != 1:
-                raise ValueError(f"task_ids: {bad.unique().tolist() or tuple(ids.shape)} is not a vector of task "
-                                 f"ids in [0, {self.cfg.num_tasks}) (FO-LoRA was built for {self.cfg.num_tasks} tasks)")
-            if ids.numel() and bool((ids == ids[0]).all()):
-                ids = int(ids[0])  # one task: LoRA's plain GEMM, no gather
-        elif isinstance(ids, int) and not 0 <= ids < self.cfg.num_tasks:
-            raise ValueError(f"task_ids: task {ids} is not in [0, {self.cfg.num_tasks})")
+            if ids.dim() != 1:
+                raise ValueError(f"task_ids: shape {tuple(ids.shape)} is not a vector of task ids (one per sample)")
+            if ids.numel():
+                seen = torch.stack([ids.min(), ids.max()])
+                self._id_range = seen if self._id_range is None else \
+                    torch.stack([self._id_range[0].minimum(seen[0]), self._id_range[1].maximum(seen[1])])
+                if not torch.is_grad_enabled():
+                    self.check_tasks()
+            ids = ids.clamp(0, num_tasks - 1)
+        elif isinstance(ids, int) and not 0 <= ids < num_tasks:
+            raise ValueError(f"task_ids: task {ids} is not in [0, {num_tasks})")
         for a in self.adapters.values():
             a.task_ids = ids
+
+    def check_tasks(self) -> None:
+        """Raise if a task id handed out since the last check was outside [0, T): one host sync for them all."""
+        if self._id_range is None:
+            return
+        (lo, hi), self._id_range = self._id_range.tolist(), None
+        if lo < 0 or hi >= self.cfg.num_tasks:
+            raise ValueError(f"task_ids: ids in [{lo}, {hi}] are not all task ids in [0, {self.cfg.num_tasks}) "
+                             f"(FO-LoRA was built for {self.cfg.num_tasks} tasks)")
 
     def on_batch(self, batch: Mapping[str, Tensor]) -> None:
         self.set_tasks(batch.get("task_ids"))
@@ -246,38 +308,69 @@ class FoloraController(Controller):
         for group, names in _by_group({n: self.adapters[n] for n in tensors}, kind).values():
             collectives.all_reduce_coalesced([t for n in names for t in tensors[n]], group)
 
-    @torch.no_grad()
-    def _gradient_energies(self) -> dict[str, Tensor]:
-        """φ(i) = Σ_rows |rfft(Gr)[row, i]|² per site from the accumulated calibration spectra."""
-        spectra = {name: a.calib_spectrum if a.calib_spectrum is not None else  # a site no gradient reached
-                   torch.zeros(a.folora_U.shape[0], a.folora_G.shape[1], dtype=torch.complex64,
-                               device=a.folora_U.device)
-                   for name, a in self.adapters.items()}
-        self._reduce({n: [torch.view_as_real(s)] for n, s in spectra.items()}, None)
-        self._reduce({n: [torch.view_as_real(s)] for n, s in spectra.items()}, ShardKind.ROW)
-        energies = {n: s.abs().square().sum(0) for n, s in spectra.items()}
-        self._reduce({n: [e] for n, e in energies.items()}, ShardKind.COLUMN)
-        return energies
+    def _calibrate_group(self, names: list[str], draw: Callable[[int, int], Mapping[str, Tensor]],
+                         backward: Callable[[Mapping[str, Tensor]], None]) -> dict[str, list[Tensor]]:
+        """One pass of Stage 1 for the sites ``names``: φ_t(i) = Σ_rows |rfft(Gr_t)[row, i]|² of every task.
+        Their spectra are views of one flat buffer (row-split sites last, by group), so the data-parallel sum is
+        one in-place all-reduce and each row split's sum one more, on its contiguous segment."""
+        adapters = {n: self.adapters[n] for n in names}
+        rows = _by_group(adapters, ShardKind.ROW)
+        ordered = [n for n in names if adapters[n].spec.kind is not ShardKind.ROW] + \
+            [n for _, group_names in rows.values() for n in group_names]
+        shapes = [(adapters[n].folora_U.shape[0], adapters[n].folora_G.shape[1]) for n in ordered]
+        sizes = [m * k for m, k in shapes]
+        offsets = [0, *itertools.accumulate(sizes)]
+        position = {n: i for i, n in enumerate(ordered)}
+        segments = [(group, slice(offsets[position[ns[0]]], offsets[position[ns[-1]] + 1]))
+                    for group, ns in rows.values()]
+        device = next(iter(self.adapters.values())).folora_U.device
+        flat = torch.empty(offsets[-1], dtype=torch.complex64, device=device)
+        views = {n: v.view(shape) for n, v, shape in zip(ordered, flat.split(sizes), shapes)}
+        for n, a in adapters.items():
+            a.recorder = lambda adapter, x, g, ids: adapter.accumulate_spectrum(x, g)
+            a.calib_spectrum = views[n]
+        scores: dict[str, list[Tensor]] = {n: [] for n in names}
+        for task in range(self.cfg.num_tasks):
+            flat.zero_()
+            self.set_tasks(task)
+            for i in range(self.cfg.calibration_batches):
+                backward(draw(task, i))
+            if not names:
+                continue
+            with torch.no_grad():
+                collectives.all_reduce(torch.view_as_real(flat), self.data_group)
+                for group, segment in segments:
+                    collectives.all_reduce(torch.view_as_real(flat[segment]), group)
+                energies = {n: views[n].abs().square().sum(0) for n in names}
+                self._reduce({n: [e] for n, e in energies.items()}, ShardKind.COLUMN)
+            for n, e in energies.items():
+                scores[n].append(e)
+        for a in adapters.values():  # the buffer goes with the group
+            a.recorder, a.calib_spectrum = None, None
+        return scores
 
     def calibrate(self, draw: Callable[[int, int], Mapping[str, Tensor]],
                   backward: Callable[[Mapping[str, Tensor]], None]) -> None:
         """Stage 1 (Eqs. 1–2): for each task in order, ``backward(draw(task, i))`` on ``calibration_batches``
-        micro-batches of that task while every adapter accumulates rfft(Gr); then each site's bins go to the
-        tasks greedily by gradient energy. The caller zeroes the parameter gradients afterwards."""
+        micro-batches of that task while the adapters accumulate rfft(Gr); then each site's bins go to the tasks
+        greedily by gradient energy. The caller zeroes the parameter gradients afterwards.
+
+        Memory: the spectra of one group of sites within ``calibration_bytes`` (plus one site's micro-batch
+        spectrum and its input's rfft while it is added), and the (T, K) energies of every site; each group costs
+        one pass over the calibration micro-batches and, per task, one in-place all-reduce over the data group,
+        one per row split's group and one coalesced call per column split's group. Every rank runs as many passes
+        (the most any rank needs: pipeline stages run each backward together); the masks do not depend on the
+        grouping."""
         if not self.cfg.calibration_batches:
             return
-        scores: dict[str, list[Tensor]] = {name: [] for name in self.adapters}
+        names = list(self.adapters)
+        groups = [[names[i] for i in g] for g in calibration_groups(
+            [self.adapters[n].spectrum_bytes() for n in names], self.cfg.calibration_bytes)]
+        passes = int(collectives.all_reduce(torch.tensor([len(groups)]), None, "max")[0])
+        scores: dict[str, list[Tensor]] = {}
         try:
-            for a in self.adapters.values():
-                a.recorder = lambda adapter, x, g, ids: adapter.accumulate_spectrum(x, g)
-            for task in range(self.cfg.num_tasks):
-                self.set_tasks(task)
-                for i in range(self.cfg.calibration_batches):
-                    backward(draw(task, i))
-                for name, energy in self._gradient_energies().items():
-                    scores[name].append(energy)
-                for a in self.adapters.values():
-                    a.calib_spectrum = None
+            for group in groups + [[]] * (passes - len(groups)):
+                scores.update(self._calibrate_group(group, draw, backward))
         finally:
             for a in self.adapters.values():
                 a.recorder, a.calib_spectrum = None, None
@@ -285,15 +378,27 @@ class FoloraController(Controller):
         with torch.no_grad():
             for name, a in self.adapters.items():
                 a.folora_bins.copy_(greedy_allocation(torch.stack(scores[name]), a.k))
+        self._index_masks()
 
     def _refit(self, lr: float) -> dict[str, float]:
-        """Stage 2 on the captured tokens of this step, task by task (see the module docstring)."""
+        """Stage 2 on the captured tokens of this step, task by task (see the module docstring). Each site's tokens
+        are ordered by task once (a stable sort, so each task keeps its token order) and split by the per-task
+        counts, which one host sync reads for all sites; the predicted loss changes are read in one more."""
         eta = self.cfg.refit_lr or lr
+        num_tasks = self.cfg.num_tasks
         tokens = {n: [torch.cat(parts) for parts in zip(*self._captured[n])] for n in self.adapters
                   if self._captured[n]}
-        metrics = {}
-        for task in range(self.cfg.num_tasks):
-            sel = {n: (x[ids == task], g[ids == task]) for n, (x, g, ids) in tokens.items()}
+        if not tokens:
+            return {f"refit_{t}_predicted_dloss": 0.0 for t in range(num_tasks)}
+        tasks = torch.arange(num_tasks, device=next(iter(tokens.values()))[2].device)
+        counts = torch.stack([(ids[None, :] == tasks[:, None]).sum(1) for _, _, ids in tokens.values()]).tolist()
+        split = {}
+        for (n, (x, g, ids)), count in zip(tokens.items(), counts):
+            order = torch.argsort(ids, stable=True)
+            split[n] = (x[order].split(count), g[order].split(count))
+        predicted = []
+        for task in range(num_tasks):
+            sel = {n: (xs[task], gs[task]) for n, (xs, gs) in split.items()}
             ut_gr = {n: [self.adapters[n].refit_gradient_product(x, g)] for n, (x, g) in sel.items()}
             self._reduce(ut_gr, None)
             zq = {n: list(self.adapters[n].refit_features(sel[n][0], ut_gr[n][0], task)) for n in sel}
@@ -301,11 +406,20 @@ class FoloraController(Controller):
             ac = {n: list(self.adapters[n].refit_normal_equations(*zq[n])) for n in sel}
             self._reduce(ac, ShardKind.COLUMN)
             self._reduce(ac, None)
-            predicted = sum(self.adapters[n].apply_refit(task, a, c, eta) for n, (a, c) in ac.items())
-            metrics[f"refit_{task}_predicted_dloss"] = float(predicted)
-        return metrics
+            by_k: dict[int, list[str]] = {}
+            for n in ac:
+                by_k.setdefault(self.adapters[n].k, []).append(n)
+            total = torch.zeros((), device=tasks.device)
+            for same in by_k.values():  # one batched solve for all sites with the same k
+                deltas = refit_delta(torch.stack([ac[n][0] for n in same]), torch.stack([ac[n][1] for n in same]),
+                                     eta, self.cfg.refit_ridge)
+                for n, delta in zip(same, deltas):
+                    total = total + self.adapters[n].apply_refit(task, delta)
+            predicted.append(total)
+        return {f"refit_{t}_predicted_dloss": v for t, v in enumerate(torch.stack(predicted).tolist())}
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
+        self.check_tasks()
         self.step_metrics = {}
         if self._captured is not None:
             for a in self.adapters.values():
@@ -329,6 +443,7 @@ class FoloraController(Controller):
         with torch.no_grad():
             for name, a in self.adapters.items():
                 a.folora_bins.copy_(state[f"bins/{name}"])
+        self._index_masks()
 
 
 @register_method("folora", FoloraConfig)
@@ -358,6 +473,7 @@ class FoloraAdapter(Adapter):
         self.recorder: Callable[[FoloraAdapter, Tensor, Tensor, int | Tensor], None] | None = None
         """Called with (adapter, x, ∂L/∂y, ids) during backward while set (calibration and refit capture)."""
         self.calib_spectrum: Tensor | None = None
+        self._task_bins: tuple[tuple, tuple[Tensor, ...]] | None = None
 
     def filters(self) -> Tensor:
         """This shard's columns of every V_t: (T, r, n_loc)."""
@@ -419,17 +535,34 @@ class FoloraAdapter(Adapter):
         return 2 * lora + fft, 4 * lora + fft
 
     def task_bins(self, task: int) -> Tensor:
-        return (self.folora_bins == task).nonzero().squeeze(1)
+        """Task ``task``'s bins, ascending. Cached until the mask changes (calibration, loading): the split by task
+        reads the per-task counts on the host once per change, never in a step."""
+        key = (self.folora_bins._version, self.folora_bins.data_ptr())
+        if self._task_bins is None or self._task_bins[0] != key:
+            bins = self.folora_bins
+            owners = torch.arange(self.cfg.num_tasks, device=bins.device)
+            counts = (bins[None, :] == owners[:, None]).sum(1).tolist()
+            order = torch.argsort(torch.where(bins < 0, self.cfg.num_tasks, bins), stable=True)
+            self._task_bins = (key, order[: sum(counts)].split(counts))
+        return self._task_bins[1][task]
+
+    def spectrum_bytes(self) -> int:
+        """Bytes of this site's calibration spectrum rfft(Gr): m_local x (n//2 + 1) complex64."""
+        return self.folora_U.shape[0] * self.folora_G.shape[1] * 8
 
     @torch.no_grad()
     def accumulate_spectrum(self, x: Tensor, g: Tensor) -> None:
-        """Calibration: add rfft(Gr) = Σ_τ g_τ x̂_τᵀ (m_loc x K, complex) of one micro-batch. Row split: x̂ of the
-        zero-padded local columns, so the result is a partial sum over the split."""
+        """Calibration: add rfft(Gr) = Σ_τ g_τ x̂_τᵀ (m_loc x K, complex) of one micro-batch to ``calib_spectrum``
+        in place (the controller sets it to a view of its buffer; None: set it). Row split: x̂ of the zero-padded
+        local columns, so the result is a partial sum over the split."""
         x2, g2 = x.reshape(-1, x.shape[-1]).float(), g.reshape(-1, g.shape[-1]).float()
         n = self.site.in_features
         xhat = torch.fft.rfft(F.pad(x2, (self.cols[0], n - self.cols[1])))
         spectrum = g2.T.to(xhat.dtype) @ xhat
-        self.calib_spectrum = spectrum if self.calib_spectrum is None else self.calib_spectrum + spectrum
+        if self.calib_spectrum is None:
+            self.calib_spectrum = spectrum
+        else:
+            self.calib_spectrum.add_(spectrum)
 
     @torch.no_grad()
     def refit_gradient_product(self, x: Tensor, g: Tensor) -> Tensor:
@@ -452,13 +585,11 @@ class FoloraAdapter(Adapter):
         return a, self.scale * torch.einsum("tjr,tr->j", z, q)
 
     @torch.no_grad()
-    def apply_refit(self, task: int, a: Tensor, c: Tensor, lr: float) -> float:
-        """G_t[bins] += δ = −η (A + λI)⁺ c (float64); returns ⟨∂L/∂G_t, δ⟩, the predicted first-order loss change."""
-        a64 = a.double()
-        ridge = self.cfg.refit_ridge * a64.diagonal().mean().clamp_min(0)
-        delta = (-lr * torch.linalg.pinv(a64 + ridge * torch.eye(len(c), dtype=a64.dtype, device=a64.device),
-                                         hermitian=True) @ c.double()).float()
+    def apply_refit(self, task: int, delta: Tensor) -> Tensor:
+        """G_t[bins] += δ (from ``refit_delta``); returns ⟨∂L/∂G_t, δ⟩, the predicted first-order loss change, as
+        a device scalar."""
         bins = self.task_bins(task)
-        predicted = float(self.folora_G.grad[task, bins] @ delta) if self.folora_G.grad is not None else 0.0
+        grad = self.folora_G.grad
+        predicted = grad[task, bins] @ delta if grad is not None else delta.new_zeros(())
         self.folora_G[task, bins] += delta
         return predicted
