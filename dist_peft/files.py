@@ -19,6 +19,12 @@ from torch import Tensor
 MANIFEST = "manifest.json"
 
 
+def cache_root() -> Path:
+    """Where derived files are cached (converted models, FRoD's HJD bases): $DIST_PEFT_CACHE, default
+    ~/.cache/dist_peft."""
+    return Path(os.environ.get("DIST_PEFT_CACHE", Path.home() / ".cache" / "dist_peft"))
+
+
 class BadFileError(ValueError):
     """A file that is missing, corrupted, or not what the caller expects."""
 

@@ -13,8 +13,8 @@ from dist_peft.methods.base import Site, StepContext
 from dist_peft.methods.lora import LoraAdapter, LoraConfig
 from dist_peft.methods.odlora import (OdLoraAdapter, OdLoraConfig, OdLoraController, equivalent_gradient_cosine,
                                       gradient_cosine, schedule_event)
-from dist_peft.ops import qr as qr_ops
 from dist_peft.ops.qr import cholesky_qr2, gram64, low_rank_svd, sign_fixed_qr
+from dist_peft.parallel import collectives
 from dist_peft.parallel.shard import ShardSpec
 from dist_peft.train import checkpoint as ckpt
 from dist_peft.train.loop import Trainer
@@ -379,7 +379,7 @@ def test_one_coalesced_all_reduce_per_cholesky_pass_for_all_layers(monkeypatch):
     """Under a real split (a process group), a refresh of 3 column-split layers reduces their 3 partial Q_B Grams
     in exactly one all-reduce per Cholesky-QR pass; the replicated A side reduces nothing."""
     calls = []
-    monkeypatch.setattr(qr_ops.collectives, "all_reduce_coalesced", lambda ts, group: calls.append(len(ts)))
+    monkeypatch.setattr(collectives, "all_reduce_coalesced", lambda ts, group: calls.append(len(ts)))
     spec = ShardSpec("column", 0, 2, group=object())
     adapters = {f"l{i}": _adapter(spec=spec, seed=i, full=od_state(24, 16, 4, seed=i)) for i in range(3)}
     OdLoraController(adapters).refresh()

@@ -18,8 +18,8 @@ from conftest import tiny_config
 from dist_peft.integrations.transformers import adapted_sites
 from dist_peft.methods.base import Site, StepContext
 from dist_peft.methods.scalora import MergedDelta, ScaLoraAdapter, ScaLoraConfig, ScaLoraController, layer_grams
-from dist_peft.ops import qr as qr_ops
 from dist_peft.ops.small_solve import ACTIVE, COLUMN, SCALAR, SKIP, nnls_solution, optimal_scaling, scaling_system
+from dist_peft.parallel import collectives
 from dist_peft.parallel.shard import ShardSpec
 from dist_peft.train import checkpoint as ckpt
 from dist_peft.train.loop import Trainer
@@ -369,7 +369,7 @@ def test_one_coalesced_all_reduce_per_transform_for_all_layers(monkeypatch):
     """Under a real column split (a process group), a transform of 3 layers reduces their 6 partial Grams
     (BᵀB and gBᵀgB of each) in exactly one all-reduce."""
     calls = []
-    monkeypatch.setattr(qr_ops.collectives, "all_reduce_coalesced", lambda ts, group: calls.append(len(ts)))
+    monkeypatch.setattr(collectives, "all_reduce_coalesced", lambda ts, group: calls.append(len(ts)))
     spec = ShardSpec("column", 0, 2, group=object())
     adapters = [_adapter(spec=spec, seed=i) for i in range(3)]
     _backward(adapters)

@@ -57,7 +57,8 @@ from torch import Tensor
 
 from dist_peft.methods.base import Controller, ParamLayout, Site, SiteShape, StepContext, register_method
 from dist_peft.methods.lora import LoraAdapter, LoraConfig
-from dist_peft.ops.qr import Reduce, cholesky_qr2, low_rank_svd, sum_partial_grams
+from dist_peft.ops.qr import Reduce, cholesky_qr2, low_rank_svd
+from dist_peft.parallel.grams import sum_partial_grams
 from dist_peft.parallel.shard import ShardKind, ShardSpec
 
 

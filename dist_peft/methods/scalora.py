@@ -68,8 +68,8 @@ from torch import Tensor
 
 from dist_peft.methods.base import Controller, SiteShape, StepContext, register_method
 from dist_peft.methods.lora import LoraAdapter, LoraConfig
-from dist_peft.ops.qr import sum_partial_grams
 from dist_peft.ops.small_solve import ACTIVE, COLUMN, SCALAR, SKIP, optimal_scaling, scaling_system
+from dist_peft.parallel.grams import sum_partial_grams
 from dist_peft.parallel.shard import ShardKind
 
 

