@@ -6,11 +6,14 @@ training, merge and files."""
 import copy
 import dataclasses
 import math
+import weakref
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from dist_peft.files import BadFileError, load_tensors, read_json
 from conftest import check_merge_round_trip
@@ -100,6 +103,49 @@ def test_ill_conditioned_stack_falls_back_to_tsqr_and_rank_deficiency_is_refused
         compute_hjd("q_proj", "input", _layers(2, 4, 16), 1e-3)
 
 
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages created inside the mode and still alive, and their peak: every op's outputs
+    are counted once per storage until the storage is freed (storages of ``ignore`` and views of them are not
+    counted). Independent of the code it measures."""
+
+    def __init__(self, ignore=()):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = {id(t.untyped_storage()) for t in ignore}
+
+    def _freed(self, key, nbytes):
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.seen:
+                storage = t.untyped_storage()
+                self.seen.add(id(storage))
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, id(storage), storage.nbytes())
+        return out
+
+
+@pytest.mark.parametrize("route", ["cholesky", "tsqr"])
+def test_hjd_holds_one_layer_at_a_time(route):
+    """Peak bytes of the tensors alive during the HJD of 32 layers (32 × 32, fp32) are at most one layer's fp64
+    Gram plus the stated constant — 8 d × d fp64 (G, R, M, Z, the ridge inverse, its factor and their
+    temporaries), two fp64 copies of one layer's weight and the σ output (L × d) — while the L Grams alone would
+    be over 2.5× that bound (measured: 8.1 Grams; before the streaming, 40 Grams at this size)."""
+    layers, rows, d = 32, 32, 32
+    scale = torch.logspace(0, -9, d) if route == "tsqr" else torch.ones(d)
+    weights = {k: w.float() * scale for k, w in _layers(layers, rows, d, seed=3).items()}
+    gram, weight = d * d * 8, rows * d * 8
+    bound = gram + 8 * gram + 2 * weight + layers * d * 8
+    with LiveBytes(ignore=weights.values()) as live:
+        _, info = compute_hjd("q_proj", "input", weights, 1e-3)
+    assert info["route"] == route
+    assert live.peak <= bound and layers * gram > 2.5 * bound, (live.peak / gram, bound / gram)
+
+
 def test_smollm2_weights_reconstruct_exactly():
     """On SmolLM2-135M's real weights (30 layers), k_proj (input side, 192 × 576, GQA) and down_proj (output side,
     latent 576) reconstruct to 1e-10 relative in fp64."""
@@ -115,6 +161,25 @@ def test_smollm2_weights_reconstruct_exactly():
             bases, info = compute_hjd(module, side, weights, 1e-3)
             assert info["route"] == "cholesky"
             assert _reconstruction_error(bases, weights) <= 1e-10, module
+
+
+def test_layers_import_one_way():
+    """ops/ are pure kernels (no dist_peft import); parallel/ imports ops/ and itself (and the file helpers), never
+    methods/, integrations/ or train/ — at module level or inside a function."""
+    import ast
+    from pathlib import Path
+
+    import dist_peft
+
+    root = Path(dist_peft.__file__).parent
+    allowed = {"ops": ("dist_peft.ops",), "parallel": ("dist_peft.ops", "dist_peft.parallel", "dist_peft.files")}
+    for layer, prefixes in allowed.items():
+        for path in (root / layer).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                for name in names:
+                    assert not name.startswith("dist_peft") or name.startswith(prefixes), (path.name, name)
 
 
 def _tiny_frod(tmp_path, **options):
@@ -209,6 +274,31 @@ def test_latent_kernel_passes_finite_difference_gradcheck():
     assert torch.autograd.gradcheck(lambda x, v: latent_update(x, first, inv, v, pattern), (a, values))
 
 
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_kernel_saves_its_activation_in_the_activation_dtype(side, tmp_path):
+    """bf16 activations through a bf16 site: every activation-sized tensor saved for backward (T·d elements or
+    more) is bf16, T·d·2 bytes in all (before: the fp32 z, T·d·4); the Σ/S gradients stay within bf16 rounding
+    of the fp32 run's."""
+    adapter, _, sites = _adapter(side, tmp_path)
+    with torch.no_grad():
+        adapter.frod_s.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(64, 10, generator=torch.Generator().manual_seed(4))
+    d, grads = adapter.basis.d, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        saved = []
+        weight = sites[0].weight.to(dtype)
+        adapter.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = adapter.forward_site(x.to(dtype).requires_grad_(True), lambda t: t @ weight.T)
+        y.float().square().sum().backward()
+        grads[dtype] = [adapter.frod_sigma.grad.clone(), adapter.frod_s.grad.clone()]
+        big = [t for t in saved if t.numel() >= 64 * 10]
+        assert big and all(t.dtype == dtype for t in big)
+        assert sum(t.numel() * t.element_size() for t in big) == 64 * d * dtype.itemsize
+    for got, want in zip(grads[torch.bfloat16], grads[torch.float32]):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
 def test_forward_site_equals_the_additive_contract_form(tmp_path):
     """Input side: base(x̃) (one base matmul) equals base(x) + W(x̃ − x), the contract's forward(x, base_out)."""
     adapter, _, sites = _adapter("input", tmp_path)
@@ -281,12 +371,18 @@ def _split_output(site, spec, cfg, kwargs):
     return adapter.forward_site(x, lambda a: a @ site.weight.T).detach().numpy()
 
 
-def _prepare_tp2_pp2(cache):
+def _prepare_tp2_pp2(cache, dp_cache):
     """Rank r = 2p + t: TP groups {0,1}, {2,3}; pipeline groups {0,2}, {1,3}. prepare twice (compute, then load
-    from ``cache``); returns the bases, σ⁰, the collectives of each call and the q/o adapters' outputs."""
-    import torch.distributed as dist
+    from ``cache``); returns the bases, σ⁰, the collectives of each call and the q/o adapters' outputs. Then as
+    4 data-parallel ranks (whole weights, no groups, ``dp_cache``) with a 5 s default-group timeout while the
+    rank computing the first type takes 8 s: the types each rank computed and the bases every rank got."""
+    import datetime
+    import time
 
-    from dist_peft.parallel import collectives
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    from dist_peft.parallel import collectives, hjd_cache
 
     tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     pp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
@@ -298,15 +394,33 @@ def _prepare_tp2_pp2(cache):
     computed_trace = collectives.TRACE.reset()
     loaded = FrodAdapter.prepare(sites, cfg, specs, pp_groups[t])
     fields = ("first", "first_inv", "p_rows", "p_cols")
-    return {"bases": {s.module_type: {f: getattr(computed[s.name]["basis"], f).numpy() for f in fields}
-                      for s in sites},
-            "sigma0": {name: kw["sigma0"].numpy() for name, kw in computed.items()},
-            "load_is_bitwise": all(torch.equal(getattr(computed[n]["basis"], f), getattr(loaded[n]["basis"], f))
-                                   and torch.equal(computed[n]["sigma0"], loaded[n]["sigma0"])
-                                   for n in computed for f in fields),
-            "calls": (computed_trace["calls"], collectives.TRACE.reset()["calls"]),
-            "outputs": {s.name: _split_output(s, specs[s.name], cfg, computed[s.name]) for s in sites
-                        if s.module_type in ("q_proj", "o_proj")}}
+    out = {"bases": {s.module_type: {f: getattr(computed[s.name]["basis"], f).numpy() for f in fields}
+                     for s in sites},
+           "sigma0": {name: kw["sigma0"].numpy() for name, kw in computed.items()},
+           "load_is_bitwise": all(torch.equal(getattr(computed[n]["basis"], f), getattr(loaded[n]["basis"], f))
+                                  and torch.equal(computed[n]["sigma0"], loaded[n]["sigma0"])
+                                  for n in computed for f in fields),
+           "calls": (computed_trace["calls"], collectives.TRACE.reset()["calls"]),
+           "outputs": {s.name: _split_output(s, specs[s.name], cfg, computed[s.name]) for s in sites
+                       if s.module_type in ("q_proj", "o_proj")}}
+    computing, compute = [], hjd_cache.compute_hjd
+
+    def slow_compute(module_type, *args, **kwargs):
+        computing.append(module_type)
+        if len(computing) == 1 and dist.get_rank() == 0:
+            time.sleep(8)
+        return compute(module_type, *args, **kwargs)
+
+    hjd_cache.compute_hjd = slow_compute
+    _set_pg_timeout(datetime.timedelta(seconds=5))
+    try:
+        dp = FrodAdapter.prepare(_split_sites()[0], dataclasses.replace(cfg, hjd_cache=dp_cache))
+    finally:
+        _set_pg_timeout(datetime.timedelta(seconds=60))
+        hjd_cache.compute_hjd = compute
+    out["dp"] = {"computed": computing, "sigma0": {name: kw["sigma0"].numpy() for name, kw in dp.items()},
+                 "bases": {name: {f: getattr(kw["basis"], f).numpy() for f in fields} for name, kw in dp.items()}}
+    return out
 
 
 def test_hjd_of_tp2_pp2_shards_matches_one_process(tmp_path, capsys):
@@ -314,8 +428,10 @@ def test_hjd_of_tp2_pp2_shards_matches_one_process(tmp_path, capsys):
     every rank the same bits of the basis, equal to one process's prepare on the whole weights (R, Z, λ and every
     σ⁰ in the cache entries, the latent maps, the pattern), σ⁰ of its own layers, and adapters whose reassembled
     outputs equal the unsplit ones. The cache key is layout-independent (the same key.json; one process loads the
-    entries the 4 ranks wrote); a second prepare on 4 ranks loads them (no all-reduce) to the same bits."""
-    results = run_dist(_prepare_tp2_pp2, 4, cache=str(tmp_path / "split"))
+    entries the 4 ranks wrote); a second prepare on 4 ranks loads them (no all-reduce) to the same bits. As 4
+    data-parallel ranks, each type is computed by one rank only (dealt round-robin), the others wait past the
+    default group's 5 s timeout for the 8 s one, and every rank gets the one-process bases bit for bit."""
+    results = run_dist(_prepare_tp2_pp2, 4, cache=str(tmp_path / "split"), dp_cache=str(tmp_path / "dp"))
     sites, _ = _split_sites()
     cfg = FrodConfig(hjd_cache=str(tmp_path / "whole"), **SPLIT_CFG)
     ref = FrodAdapter.prepare(sites, cfg)
@@ -333,7 +449,7 @@ def test_hjd_of_tp2_pp2_shards_matches_one_process(tmp_path, capsys):
             np.testing.assert_allclose(value, want_field, rtol=0, atol=1e-6 * np.abs(want_field).max())
     for rank, result in results.items():
         assert result["load_is_bitwise"] and "all_reduce" in result["calls"][0]
-        assert "all_reduce" not in result["calls"][1] and result["calls"][1]["broadcast"] == 5 * 5
+        assert "all_reduce" not in result["calls"][1] and result["calls"][1]["broadcast"] == 1 + 4 * 5
         stage = rank // 2
         assert sorted(result["sigma0"]) == sorted(s.name for s in sites if s.layer_index // 2 == stage)
         for name, sigma in result["sigma0"].items():
@@ -345,6 +461,14 @@ def test_hjd_of_tp2_pp2_shards_matches_one_process(tmp_path, capsys):
         shards = [results[2 * (site.layer_index // 2) + t]["outputs"][site.name] for t in (0, 1)]
         out = np.concatenate(shards, -1) if site.module_type == "q_proj" else shards[0] + shards[1]
         np.testing.assert_allclose(out, _split_output(site, ShardSpec(), cfg, ref[site.name]), rtol=1e-4, atol=1e-5)
+    types = sorted(SPLIT_TYPES)
+    for rank, result in results.items():
+        assert result["dp"]["computed"] == types[rank::4]
+        for name, kw in ref.items():
+            assert np.array_equal(result["dp"]["sigma0"][name], kw["sigma0"].numpy())
+            assert all(np.array_equal(value, getattr(kw["basis"], field).numpy())
+                       for field, value in result["dp"]["bases"][name].items()), name
+    assert sorted(p.name for p in (tmp_path / "dp").iterdir()) == types  # all saved by rank 0
     capsys.readouterr()
     again = FrodAdapter.prepare(sites, dataclasses.replace(cfg, hjd_cache=str(tmp_path / "split")))
     assert capsys.readouterr().out.count("loaded from") == len(SPLIT_TYPES)

@@ -13,6 +13,9 @@ Gram form (spec §2.3 item 5; every step below is d × d, so ranks exchange Gram
     (Q_iᵀ Q_i + π I)⁻¹ = R (G_i + π G)⁻¹ Rᵀ,  so  T_π = R · [(1/L) Σ_i (G_i + π G)⁻¹] · Rᵀ
     σ_{i,k}² = (Bᵀ G_i B)_{kk} with B = R⁻¹ Z = V⁻ᵀ,   U_i = W_i B Σ_i⁻¹ (only where a form needs U)
 
+G needs every G_i, (G_i + πG)⁻¹ needs G, and σ_i needs Z (all L inverses): three passes over the layers, each
+recomputing G_i from W_i, hold one layer's Gram at a time instead of L (parallel/hjd_cache.py).
+
 Symbols: d latent dimension, L layers, π ridge constant (``regularization_alpha`` in the reference code), R upper
 triangular d × d, Z orthogonal d × d (eigenvectors of T_π, ascending eigenvalues λ), V = RᵀZ shared by the L
 layers, σ_i the strengths of layer i (Σ_i σ_{i,k}² = 1 for every k, spec §2.3 item 2).
@@ -21,16 +24,15 @@ Decision (specs/frod.md §8.2): each column of Z is sign-fixed so that its entry
 positive; eigh's sign is otherwise arbitrary and ranks must agree bit for bit.
 Decision (specs/frod.md §8.3 numerics): R comes from the Cholesky factor of the fp64 Gram sum when the 1-norm
 condition estimate of R is at most ``MAX_GRAM_COND`` (the Gram squares cond(W), so beyond 1e6 it would keep fewer
-than 4 of fp64's 16 digits); otherwise from TSQR of the weight blocks (QR of each block, then QR of the stacked R
-factors), whose error grows with cond(W) only. A numerically singular stack (rank < d, e.g. L·rows < d) has no
-invertible V: ``RankDeficientError``.
+than 4 of fp64's 16 digits); otherwise from a TSQR of the weight blocks folded one block at a time
+(R ← qr([R; block]).R), whose error grows with cond(W) only. A numerically singular stack (rank < d, e.g.
+L·rows < d) has no invertible V: ``RankDeficientError``.
 All kernels compute in fp64 and are pure (tensors in, tensors out).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -55,7 +57,7 @@ def latent_gram(w: Tensor, side: str) -> Tensor:
 
 def cholesky_r(g: Tensor) -> Tensor | None:
     """Upper-triangular R with RᵀR = G, or None when G is not numerically positive definite or cond₁(R) >
-    MAX_GRAM_COND (then use ``tsqr_r``)."""
+    MAX_GRAM_COND (then use ``tsqr_step``)."""
     lower, info = torch.linalg.cholesky_ex(g)
     if info.item() != 0:
         return None
@@ -71,15 +73,22 @@ def condition_1(r: Tensor) -> float:
     return float(torch.linalg.matrix_norm(r, 1) * torch.linalg.matrix_norm(r_inv, 1))
 
 
-def tsqr_r(blocks: Sequence[Tensor]) -> Tensor:
-    """R of the stacked blocks (each rows_i × d) by a one-level TSQR: R_i = qr(block_i).R, then R =
-    qr([R_1; …; R_L]).R, rows sign-fixed so that diag(R) >= 0 (the R of ``cholesky_r``). Cost Σ 2·rows_i·d²
-    flops; only the factors (at most d × d) need to travel between ranks. Fewer than d rows in all gives a
-    rows × d result (``check_full_rank`` refuses it)."""
-    factors = [torch.linalg.qr(b.to(torch.float64), mode="r")[1] for b in blocks]
-    r = torch.linalg.qr(torch.cat(factors, 0), mode="r")[1]
+def tsqr_step(r: Tensor | None, block: Tensor) -> Tensor:
+    """R (d × d) of the stacked rows [R; block] (``r`` None: of ``block`` alone): one step of a streamed TSQR, so
+    the R of L blocks (or of the R factors of several ranks) is folded in one block at a time and never needs
+    them all at once. Cost 2·(d + rows)·d² flops. Fewer than d rows so far leave zero rows at the bottom
+    (``check_full_rank`` refuses a final R with them). Row signs are free: ``positive_rows`` fixes them at the
+    end."""
+    block = block.to(torch.float64)
+    r = torch.linalg.qr(block if r is None else torch.cat([r, block]), mode="r")[1]
+    short = r.shape[1] - r.shape[0]
+    return torch.cat([r, r.new_zeros(short, r.shape[1])]) if short > 0 else r
+
+
+def positive_rows(r: Tensor) -> Tensor:
+    """R with its rows' signs flipped so that diag(R) >= 0 (the R of ``cholesky_r``)."""
     signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(r.dtype)
-    return signs[:, None] * r  # r has min(rows, d) rows, one sign each
+    return signs[:, None] * r
 
 
 def check_full_rank(r: Tensor) -> Tensor:

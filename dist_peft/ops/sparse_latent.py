@@ -15,6 +15,10 @@ Cost per token: 4d² + 2|P| flops forward, 4d² + 4|P| backward; z (T × d) is t
 Layout: every T-long product runs on transposed, contiguous d × T operands (CSR × dense is far slower on a
 strided operand on CPU). Precision: computed in fp32 (fp64 for fp64 input; the CSR kernels have no bf16 path on
 CPU), returned in a's dtype; autocast is off inside the kernel so forward and backward agree.
+Decision (saved activation): z is saved in a's dtype, so bf16 activations save T × d in bf16, half of an fp32
+z (70B, 80 layers × 7 sites, d = 8192, 4096 tokens: 75 GB → 38 GB per micro-batch), and the Σ/S gradients see z
+rounded as a bf16 LoRA's A gradient sees x; fp32 and fp64 inputs keep z bit for bit. Recomputing z from a
+instead would add 2d² flops per token to the backward.
 """
 
 from __future__ import annotations
@@ -90,14 +94,14 @@ class _LatentUpdate(torch.autograd.Function):
             z_t = first.T @ a.to(dtype).T  # (d, T), contiguous
             u_t = _csr(pattern.crow, pattern.cols, values, d) @ z_t
             out = (u_t.T @ first_inv).to(a.dtype)
-        ctx.save_for_backward(z_t, first, first_inv, values)
+        ctx.save_for_backward(z_t.to(a.dtype), first, first_inv, values)  # a's dtype: module docstring
         ctx.pattern, ctx.values_dtype, ctx.a_dtype = pattern, values.dtype, a.dtype
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
         z_t, first, first_inv, values = ctx.saved_tensors
-        p, d = ctx.pattern, first.shape[0]
+        p, d, z_t = ctx.pattern, first.shape[0], z_t.to(first.dtype)
         with torch.autocast(g.device.type, enabled=False):
             du_t = first_inv @ g.to(first.dtype).T  # (d, T) = (g F⁻ᵀ)ᵀ
             template = _csr(p.crow, p.cols, torch.zeros_like(values), d)
