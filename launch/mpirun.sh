@@ -29,5 +29,10 @@ if [ -n "${HOSTFILE:-}" ]; then
   fi
   args+=(--hostfile "$HOSTFILE")
 fi
+# MASTER_ADDR / MASTER_PORT set here reach every rank, on every node (Open MPI forwards only -x variables); unset,
+# rank 0 picks its address and a free port (parallel/runtime.py).
+for v in MASTER_ADDR MASTER_PORT; do
+  if [ -n "${!v:-}" ]; then args+=(-x "$v"); fi
+done
 # shellcheck disable=SC2086  # MPI_ARGS is a list of flags
 exec "$MPIRUN" "${args[@]}" ${MPI_ARGS:-} "$PY" -m dist_peft.train --launcher mpi --config "$config" "$@"

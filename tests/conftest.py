@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS handle: deterministic GEMMs
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -9,9 +10,38 @@ import torch  # noqa: E402
 from dist_peft.train.config import from_dict  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA device (skipped without one); the GPU leg is "
+                                       "`pytest -m cuda` (tools/test_cuda.sh)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device (the GPU leg: tools/test_cuda.sh)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _fixed_threads():
     torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_cuda(request):
+    """A ``cuda`` test runs with deterministic algorithms where an op has them (LoCA's index_add_, scatter_add_);
+    ops without one warn, and the test's documented tolerance covers them. TF32 stays off (torch's default)."""
+    if request.node.get_closest_marker("cuda") is None:
+        yield
+        return
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
 
 
 def tiny_config(run_dir, **sections):

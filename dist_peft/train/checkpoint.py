@@ -2,7 +2,9 @@
 
 A checkpoint is a folder ``checkpoints/step_NNNNNNN`` written through ``files.atomic_dir`` (temporary folder,
 fsync, rename, SHA-256 manifest): ``state.safetensors`` holds every tensor and ``state.json`` everything else,
-including the run config. The megatron-core engine writes one such folder per rank (its shards, its RNG) inside
+including the run config. RNG states are per rank (``rng/<rank>/cpu``, ``rng/<rank>/cuda``: the CPU generator and the
+rank's current CUDA device's), gathered to the writer (``gathered_rng_states``) and restored by each rank from its
+own entry (``restore``). The megatron-core engine writes one such folder per rank (its shards, its RNG) inside
 the step's folder, named in ``parts.json`` (``save_parts``); it resumes only under the layout that wrote it. Nothing is pickled, so a checkpoint from an untrusted source cannot run code; a
 truncated or altered one fails its checksum before any state is touched.
 """
@@ -20,8 +22,10 @@ from torch import Tensor
 
 from dist_peft.files import BadFileError, atomic_dir, load_tensors, read_json, save_tensors, verify_dir, write_json
 from dist_peft.methods.base import Controller
+from dist_peft.parallel import collectives
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: RNG states per rank (1 held the writer's states of every CUDA device)."""
 PARTS = "parts.json"
 
 
@@ -35,17 +39,43 @@ class Checkpoint:
     tensors: dict[str, Tensor]
 
 
-def _rng_states() -> dict[str, Tensor]:
-    states = {"rng/cpu": torch.get_rng_state()}
+def local_rng_states() -> dict[str, Tensor]:
+    """This rank's generators: the CPU's and, with CUDA, its current device's (the only one it draws from), keyed
+    by its rank in the default group."""
+    prefix = f"rng/{collectives.group_rank()}"
+    states = {f"{prefix}/cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        states |= {f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+        states[f"{prefix}/cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return states
 
 
+def gathered_rng_states() -> dict[str, Tensor]:
+    """Every rank's ``local_rng_states`` (a collective: one all-gather per generator, a few KB), for a checkpoint
+    that one rank writes."""
+    out = {}
+    for key, state in local_rng_states().items():
+        name = key.rsplit("/", 1)[1]
+        for rank, gathered in enumerate(collectives.all_gather_cat(state[None], dim=0)):
+            out[f"rng/{rank}/{name}"] = gathered
+    return out
+
+
+def _restore_rng(tensors: dict[str, Tensor], rank: int) -> None:
+    """This rank's generators from its own entry. Decision (issue 17): a rank the checkpoint has no entry for (a
+    resume on more ranks) takes rank 0's, the stream every data-parallel rank draws from the same seed; a CUDA
+    state is restored into the current device only (any device count), and skipped when either side has no CUDA."""
+    own = f"rng/{rank}" if f"rng/{rank}/cpu" in tensors else "rng/0"
+    torch.set_rng_state(tensors[f"{own}/cpu"])
+    if torch.cuda.is_available() and f"{own}/cuda" in tensors:
+        torch.cuda.set_rng_state(tensors[f"{own}/cuda"], torch.cuda.current_device())
+
+
 def save_checkpoint(folder: Path, *, step: int, data_position: int, config: dict[str, Any],
-                    params: dict[str, Tensor], optimizer: torch.optim.Optimizer, controller: Controller) -> Path:
+                    params: dict[str, Tensor], optimizer: torch.optim.Optimizer, controller: Controller,
+                    rng: dict[str, Tensor]) -> Path:
+    """Write one checkpoint folder; ``rng``: ``local_rng_states`` of a part, ``gathered_rng_states`` of a whole."""
     opt = optimizer.state_dict()
-    tensors = {f"param/{n}": p for n, p in params.items()} | _rng_states()
+    tensors = {f"param/{n}": p for n, p in params.items()} | rng
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in opt["state"].items():
         for key, value in st.items():
@@ -67,8 +97,6 @@ def save_parts(folder: Path, part: str, is_main: bool, **state: Any) -> Path:
     the part names are gathered (a directory listing on a shared filesystem may lag behind other nodes), and the
     main rank moves exactly those parts into ``folder`` at once (atomically) with ``parts.json`` naming them. A
     collective: every rank calls it."""
-    from dist_peft.parallel import collectives
-
     staging = folder.parent / f".{folder.name}.parts"
     save_checkpoint(staging / part, **state)
     parts = sorted(collectives.all_gather_object(part))  # after it, every part is written
@@ -130,9 +158,7 @@ def restore(ckpt: Checkpoint, params: dict[str, Tensor], optimizer: torch.optim.
         state.setdefault(int(idx), {}).update(scalars)
     optimizer.load_state_dict({"state": state, "param_groups": ckpt.meta["param_groups"]})
     controller.load_state_dict({k[len("method/"):]: v for k, v in t.items() if k.startswith("method/")})
-    torch.set_rng_state(t["rng/cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count())])
+    _restore_rng(t, collectives.group_rank())
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -187,10 +187,14 @@ class TrainConfig:
     threads: int | None = None
     """torch intra-op threads (None: leave torch's default)."""
     progress: bool = True
+    collective_timeout_s: float = 1800.0
+    """Seconds a rank waits in one collective before its process group fails the job: the default group's,
+    megatron-core's and DeepSpeed's groups (``parallel/runtime.py``). It must cover the longest time one rank works
+    alone while the others wait: a 70B per-rank load, rank 0's checkpoint write, the export writer."""
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "micro_batch_size", "grad_accum", "lr", "max_grad_norm", "keep_checkpoints",
-                  "eval_batches", "threads")
+                  "eval_batches", "threads", "collective_timeout_s")
         _positive(self, "warmup_steps", "eval_every", "save_every", "weight_decay", allow_zero=True)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")

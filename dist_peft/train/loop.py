@@ -34,15 +34,17 @@ from dist_peft.integrations.transformers import adapted_sites, inject_adapters, 
     trainable_summary, write_adapter_files
 from dist_peft.methods.base import Adapter, StepContext
 from dist_peft.parallel import collectives
-from dist_peft.parallel.runtime import init_runtime
+from dist_peft.parallel.runtime import default_group_timeout, init_runtime
 from dist_peft.profile.timer import NULL_TIMER
 from dist_peft.train import checkpoint as ckpt
 from dist_peft.train.config import RunConfig, TrainConfig, check_world_size
 from dist_peft.train.data import IGNORE, build_data, collate
+from dist_peft.train.loss import causal_lm_loss
 from dist_peft.train.models import load_model, model_folder
 
 
-RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.threads", "train.eval_every", "train.save_every"}
+RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.threads", "train.eval_every", "train.save_every",
+                     "train.collective_timeout_s"}
 
 
 def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> set[str]:
@@ -80,7 +82,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | Path | None = None, echo: Callable[[str], None] = print):
         self.cfg, t = cfg, cfg.train
         self.timer = NULL_TIMER  # phase ranges of the step; a profiler puts its PhaseTimer here
-        self.rt = init_runtime(world_check=lambda world: check_world_size(cfg, world))
+        self.rt = init_runtime(t.collective_timeout_s, world_check=lambda world: check_world_size(cfg, world))
         self.echo = echo if self.rt.is_main else (lambda _msg: None)
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -130,7 +132,8 @@ class Trainer:
             return None
         from dist_peft.integrations.deepspeed import ZeroEngine  # deepspeed is imported only when configured
 
-        return ZeroEngine(self.model, self.optimizer, self.params, self.cfg)
+        with default_group_timeout(self.cfg.train.collective_timeout_s):  # DeepSpeed's groups take no timeout
+            return ZeroEngine(self.model, self.optimizer, self.params, self.cfg)
 
     def _resume(self, path: Path) -> ckpt.Checkpoint:
         c = ckpt.load_checkpoint(path, *((self.mg.part_name, self.rt.world) if self.mg else ()))
@@ -175,16 +178,18 @@ class Trainer:
             return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _loss_sum(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(sum of per-target cross-entropies, number of correct argmax predictions)."""
+    def _loss_sum(self, batch: dict[str, Tensor], with_correct: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(sum of per-target cross-entropies, number of correct argmax predictions or None), on the device. A
+        causal LM's loss is chunked over tokens (``train/loss.py``: no micro-batch-sized logits); the accuracy is
+        computed only when asked (evaluation)."""
+        model = self.model if self.ds is None else self.ds.module
         with self._autocast():
-            model = self.model if self.ds is None else self.ds.module
+            if batch["labels"].dim() == 2:
+                return causal_lm_loss(model, batch, with_correct)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits, labels = logits.float(), batch["labels"]
-        if labels.dim() == 2:  # causal LM: position i predicts token i + 1
-            logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        logits, labels = logits.float(), batch["labels"]  # classification: b × num_labels
         loss = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
-        return loss, ((logits.argmax(-1) == labels) & (labels != IGNORE)).sum()
+        return loss, (logits.argmax(-1) == labels).sum() if with_correct else None
 
     def _batch(self, examples: list[dict]) -> dict[str, Tensor]:
         return {k: v.to(self.rt.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
@@ -195,9 +200,11 @@ class Trainer:
         return to_megatron_batch(batch, self.cfg.data.seq_len, self.tokenizer.pad_token_id)
 
     @staticmethod
-    def _targets(batch: dict[str, Tensor]) -> int:
+    def _targets(batch: dict[str, Tensor]) -> Tensor:
+        """Loss targets of a batch, as a tensor on its device (no host synchronisation)."""
         labels = batch["labels"]
-        return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != IGNORE).sum())
+        return torch.tensor(labels.numel(), device=labels.device) if labels.dim() == 1 else \
+            (labels[:, 1:] != IGNORE).sum()
 
     def train_step(self) -> dict[str, Any]:
         t = self.cfg.train
@@ -208,8 +215,10 @@ class Trainer:
             batches = [self._batch(self.order.micro_batch(self.train_ds, self.position + i, t.micro_batch_size,
                                                            self.data_rank, self.data_world))
                        for i in range(t.grad_accum)]
-            counts = torch.tensor([float(sum(self._targets(b) for b in batches)),
-                                   float(sum(b["attention_mask"].sum() for b in batches))])
+            # Decision (issue 17): counts, losses and the norm stay on the device; the step reads them once, at its
+            # end.
+            counts = torch.stack([sum(self._targets(b) for b in batches),
+                                  sum(b["attention_mask"].sum() for b in batches)]).float()
             collectives.all_reduce(counts, self.controller.data_group)
         if self.mg is not None:  # megatron's schedule runs every micro-batch (pipelined; it marks its own phases)
             with self.timer.phase("schedule"):
@@ -218,7 +227,7 @@ class Trainer:
                                         dtype=torch.float64)
         else:
             self.model.train()
-            loss_sum = torch.zeros(())
+            loss_sum = torch.zeros((), device=self.rt.device)
             for i, batch in enumerate(batches):
                 with self.timer.phase("forward"):
                     self.controller.on_batch(batch)
@@ -228,7 +237,7 @@ class Trainer:
                         self.ds.backward(loss / counts[0], last=i == len(batches) - 1)
                     else:
                         (loss / counts[0]).backward()
-                loss_sum += loss.detach().cpu()
+                loss_sum += loss.detach()
         if self.ds is not None:  # hooks, clip, step and zero_grad in the order above, on DeepSpeed's partitions
             with self.timer.phase("optimizer"):  # the engine marks its controller hooks apart
                 norm = self.ds.optimizer_step(self.controller, self.ds.step_context(self.step, lr, t.steps))
@@ -255,9 +264,12 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.position += t.grad_accum
-        with self.timer.phase("log"):  # the step's read of its values
-            loss = collectives.all_reduce(loss_sum, self.controller.data_group).item() / counts[0].item()
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(norm), "tokens": int(counts[1]),
+        with self.timer.phase("log"):  # the step's one read of its device values
+            collectives.all_reduce(loss_sum, self.controller.data_group)
+            loss_sum, targets, tokens, norm = (torch.stack([torch.as_tensor(v, dtype=torch.float64,
+                                                                            device=self.rt.device)
+                                                           for v in (loss_sum, counts[0], counts[1], norm)]).tolist())
+        return {"step": self.step, "loss": loss_sum / targets, "lr": lr, "grad_norm": norm, "tokens": int(tokens),
                 **getattr(self.controller, "step_metrics", {})}
 
     @torch.no_grad()
@@ -277,7 +289,7 @@ class Trainer:
         n_batches = math.ceil(len(eval_ds) / t.micro_batch_size)
         if t.eval_batches:
             n_batches = min(n_batches, t.eval_batches)
-        sums = torch.zeros(3)  # loss, targets, correct
+        sums = torch.zeros(3, dtype=torch.float64, device=self.rt.device)  # loss, targets, correct
         # ZeRO-3 gathers weights inside every forward (collectives): then all ranks run as many forwards, the
         # ranks past the last batch repeating it without counting it.
         lockstep = self.ds is not None and self.cfg.deepspeed.zero_stage == 3
@@ -291,9 +303,10 @@ class Trainer:
             else:
                 self.model.eval()
                 self.controller.on_batch(batch)
-                loss, correct = self._loss_sum(batch)
+                loss, correct = self._loss_sum(batch, with_correct=True)
             if i < n_batches:
-                sums += torch.tensor([float(loss), self._targets(batch), float(correct)])
+                sums += torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.rt.device)
+                                     for v in (loss, self._targets(batch), correct)])
         collectives.all_reduce(sums, self.controller.data_group)
         mean = (sums[0] / sums[1]).item()
         out = {"eval_loss": mean, "eval_accuracy": (sums[2] / sums[1]).item()}
@@ -311,9 +324,12 @@ class Trainer:
         meta = {"step": self.step, "data_position": self.position, "config": self.cfg.to_dict()}
         if self.mg is not None:
             path = ckpt.save_parts(folder, self.mg.part_name, self.rt.is_main, **meta, params=state[0], optimizer=state[1],
-                                   controller=state[2])
-        elif self.rt.is_main:
-            path = ckpt.save_checkpoint(folder, **meta, params=state[0], optimizer=state[1], controller=state[2])
+                                   controller=state[2], rng=ckpt.local_rng_states())
+        else:
+            rng = ckpt.gathered_rng_states()  # a collective: every rank's generators to the writer
+            if self.rt.is_main:
+                path = ckpt.save_checkpoint(folder, **meta, params=state[0], optimizer=state[1], controller=state[2],
+                                            rng=rng)
         if not self.rt.is_main:
             return None
         ckpt.prune(self.run_dir, self.cfg.train.keep_checkpoints)
