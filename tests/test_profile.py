@@ -1,7 +1,8 @@
 """The throughput profiler (``dist_peft/profile``): phase times that add up to the step, FLOPs from hand counts,
 NVML matched by PCI bus id (and its absence reported), a trace with phase ranges, TensorBoard events read back.
 
-Launch: pytest tests/test_profile.py (single process)."""
+Launch: pytest tests/test_profile.py (single process; the distributed checks spawn one 4-process megatron
+TP2×PP2 launch and one 2-process ZeRO-2 launch)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from distributed import run_dist
 from dist_peft.accounting import ModelShape, model_flops
 from dist_peft.methods.base import SiteShape, get_method
-from dist_peft.profile.comm import bus_factor
+from dist_peft.accounting.comms import bus_factor
+from dist_peft.profile.flops import device_peak
 from dist_peft.profile.nvml import NvmlSampler
 from dist_peft.profile.run import profile
 from dist_peft.profile.session import Settings
@@ -169,6 +172,15 @@ def test_bus_bandwidth_factors_are_nccl_tests():
     assert bus_factor("all_gather", 4) == 0.75 and bus_factor("broadcast", 4) == 1.0
 
 
+def test_peaks_come_from_the_planners_table_by_device_name():
+    """MFU's peak is the roofline table's dense bf16 figure for the device torch names (PCIe and NVL H100s apart
+    from SXM); on CPU or an unknown GPU none is guessed; --peak-tflops overrides."""
+    assert device_peak("NVIDIA H100 80GB HBM3")[0] == 989e12 and device_peak("NVIDIA H100 PCIe")[0] == 756e12
+    assert device_peak("NVIDIA H100 NVL")[0] == 835e12 and device_peak("NVIDIA A100-SXM4-80GB")[0] == 312e12
+    assert device_peak("cpu")[0] is None and device_peak("Tesla T4")[0] is None
+    assert device_peak("cpu", 100.0)[0] == 100e12
+
+
 def test_training_log_reaches_tensorboard_with_profiled_figures(tmp_path):
     """With ``log.tensorboard`` and a ``profile`` section, the loss of every step and the profiled step time
     are in TensorBoard event files, read back with TensorBoard's own reader."""
@@ -186,3 +198,77 @@ def test_training_log_reaches_tensorboard_with_profiled_figures(tmp_path):
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses == pytest.approx([r["loss"] for r in trainer.history if "loss" in r], rel=1e-6)
     assert len(events.Scalars("profile/step_s")) == 2 and "profile/phase/forward_s" in events.Tags()["scalars"]
+
+
+def _profile_config(config: str, out: str) -> bool:
+    """One rank of ``dist-peft profile --config CONFIG`` (2 measured steps after 1 warm-up, no evaluation)."""
+    from dist_peft.train.config import load_config
+
+    cfg = load_config(config, {"output.dir": f"{out}/run", "data.eval_examples": 0})
+    profile([("run", cfg)], Settings(steps=2, warmup=1, nvml_interval_s=0), out, frozen=False, echo=lambda _m: None)
+    return True
+
+
+def _rows(doc: dict, rank: int, source: str) -> dict:
+    """(op, group) -> the profile's collective row of ``rank`` issued by ``source``."""
+    return {(c["op"], c["group"]): c for c in doc["configs"][0]["collectives"][str(rank)] if c["source"] == source}
+
+
+def _assert_busbw_uses_the_group_size(rows) -> None:
+    for c in rows:
+        if c["algbw_GBps"] is not None:
+            assert c["busbw_GBps"] == pytest.approx(c["algbw_GBps"] * bus_factor(c["op"], c["group_size"]))
+
+
+def test_tp2_pp2_profile_has_every_rank_and_the_megatron_collective_counts(tmp_path):
+    """NPROC=4 megatron TP2×PP2 (configs/tiny-lora-tp2pp2.yaml: LoRA r 4 on all 7 projections, 2 layers, 2
+    micro-batches of 4×32 tokens, h 64): a record for each of the 4 ranks; per step, as tests/test_megatron.py's
+    _frozen_calls counts them, TP all-reduces = 2 micro-batches × (2 row-site outputs forward + column-site input
+    gradients backward: 1 on the first stage, whose layer-0 qkv input needs none, 2 on the second) + 1 coalesced
+    TP-partial adapter gradient sum, then one loss sum over PP and one gradient norm over TP×PP. Bytes: each
+    per-token all-reduce moves 4·32·64 fp32 = 32768 B; the partial gradients are the column sites' A (5 × 4×64)
+    and the row sites' B (2 × 64×4) = 1792 fp32; the scalars 8 B. The meter's counts equal TRACE's; busbw uses
+    each group's own size (tp 2, pp 2, tp×pp 4)."""
+    run_dist(_profile_config, 4, config="configs/tiny-lora-tp2pp2.yaml", out=str(tmp_path))
+    doc = json.loads((tmp_path / "profile.json").read_text())
+    run = doc["configs"][0]
+    assert set(run["rank_steps"]) == set(run["memory"]) == set(run["collectives"]) == {"0", "1", "2", "3"}
+    assert run["layout"] == {"tensor": 2, "pipeline": 2, "data": 1, "zero_stage": 0}
+    for rank in range(4):
+        backward = 1 if rank < 2 else 2  # pipeline stage 0 holds ranks 0, 1
+        tp = _rows(doc, rank, "dist_peft")
+        per_token = 2 * (2 + backward)
+        assert tp["all_reduce", "tp"]["calls_per_step"] == per_token + 1
+        assert tp["all_reduce", "tp"]["bytes_per_step"] == per_token * 32768 + 1792 * 4
+        assert tp["all_reduce", "pp"]["calls_per_step"] == tp["all_reduce", "tp×pp"]["calls_per_step"] == 1
+        assert tp["all_reduce", "pp"]["bytes_per_step"] == tp["all_reduce", "tp×pp"]["bytes_per_step"] == 8
+        assert {k: c["group_size"] for k, c in tp.items()} == {("all_reduce", "tp"): 2, ("all_reduce", "pp"): 2,
+                                                              ("all_reduce", "tp×pp"): 4}
+        traced = run["collective_counts_per_step"][str(rank)]
+        assert traced["calls"] == {"all_reduce": per_token + 3}
+        assert traced["bytes"]["all_reduce"] == sum(c["bytes_per_step"] for c in tp.values())
+        _assert_busbw_uses_the_group_size(run["collectives"][str(rank)])
+        assert sum(run["rank_steps"][str(rank)][0]["phases"].values()) == \
+            pytest.approx(run["rank_steps"][str(rank)][0]["time_s"], rel=1e-9)
+
+
+def test_zero2_profile_observes_deepspeeds_own_collectives(tmp_path):
+    """2-rank ZeRO-2 (configs/tiny-lora-zero2.yaml): a record for both ranks; dist_peft's traced collectives per
+    step are plain data parallelism's three (tests/test_multiprocess.py) less the gradient reduction, which
+    DeepSpeed does: the target count (int64) and the logged loss (fp32), 12 B. DeepSpeed's own, observed at its
+    comm backend: the gradients reduced over the ZeRO group (4 B × the 8192 adapter elements, plus its fp32
+    gradient norm) and the updated partitions all-gathered (4 B × 8192); busbw with the group's size 2."""
+    run_dist(_profile_config, 2, config="configs/tiny-lora-zero2.yaml", out=str(tmp_path))
+    doc = json.loads((tmp_path / "profile.json").read_text())
+    run = doc["configs"][0]
+    assert set(run["rank_steps"]) == set(run["memory"]) == {"0", "1"}
+    assert run["layout"]["zero_stage"] == 2 and run["trainable"] == 8192
+    for rank in range(2):
+        assert run["collective_counts_per_step"][str(rank)] == {"calls": {"all_reduce": 2}, "bytes": {"all_reduce": 12}}
+        ours, ds = _rows(doc, rank, "dist_peft"), _rows(doc, rank, "deepspeed")
+        assert ours["all_reduce", "world"]["bytes_per_step"] == 12
+        assert ds["all_gather", "dp (ZeRO)"]["bytes_per_step"] == 4 * 8192
+        reduced = sum(c["bytes_per_step"] for (op, _), c in ds.items() if op in ("all_reduce", "reduce_scatter"))
+        assert reduced == 4 * 8192 + 4
+        assert all(c["group_size"] == 2 for c in ds.values())
+        _assert_busbw_uses_the_group_size(run["collectives"][str(rank)])

@@ -8,7 +8,7 @@ after the last backward) and ZeRO-3's parameter gathers beyond what the compute 
 bus bytes over the link of its axis: NVLink inside a node, the per-GPU network share across nodes.
 
 Datasheet figures (dense, no sparsity): NVIDIA H100 SXM5 (989 TFLOP/s bf16, 3.35 TB/s HBM3, NVLink 4 at 450
-GB/s per direction), H200 SXM (989, 4.8 TB/s, 141 GB), A100 SXM4 (312, 2.04 TB/s for 80 GB, 1.56 TB/s for 40 GB,
+GB/s per direction), H100 PCIe (756) and NVL (835), H200 SXM (989, 4.8 TB/s, 141 GB), A100 SXM4 (312, 2.04 TB/s for 80 GB, 1.56 TB/s for 40 GB,
 NVLink 3 at 300 GB/s per direction), L40S (362, 864 GB/s, PCIe Gen4 x16 at 32 GB/s per direction). Networks:
 one 400 Gb/s NDR InfiniBand NIC per GPU (50 GB/s) on H100/H200 nodes (DGX H100), 200 Gb/s HDR (25 GB/s) on
 A100 nodes (DGX A100). Efficiencies are assumptions, stated: large bf16 GEMMs reach ~75% of the dense peak, NCCL
@@ -51,7 +51,21 @@ GPUS = {
     "a100-80gb": Gpu("a100-80gb", 312e12, 80 * 2**30, 2.04e12, 300 * GB, 25 * GB),
     "a100-40gb": Gpu("a100-40gb", 312e12, 40 * 2**30, 1.56e12, 300 * GB, 25 * GB),
     "l40s-48gb": Gpu("l40s-48gb", 362e12, 48 * 2**30, 0.864e12, 32 * GB, 25 * GB),
+    # H100 PCIe (756 TFLOP/s, 80 GB HBM2e at 2.0 TB/s) and H100 NVL (835, 94 GB HBM3 at 3.9 TB/s): NVLink bridges
+    # join pairs at 300 GB/s per direction (per_node 2: larger groups take the network figure)
+    "h100-pcie": Gpu("h100-pcie", 756e12, 80 * 2**30, 2.0e12, 300 * GB, 50 * GB, per_node=2),
+    "h100-nvl": Gpu("h100-nvl", 835e12, 94 * 2**30, 3.9e12, 300 * GB, 50 * GB, per_node=2),
 }
+
+DEVICE_NAMES = (("H200", "h200-141gb"), ("H100 NVL", "h100-nvl"), ("H100 PCIe", "h100-pcie"), ("H100", "h100-80gb"),
+                ("A100-SXM4-40GB", "a100-40gb"), ("A100-PCIE-40GB", "a100-40gb"), ("A100", "a100-80gb"),
+                ("L40S", "l40s-48gb"))
+"""(substring of ``torch.cuda.get_device_name``, GPUS key); the first match wins (the profiler's peak)."""
+
+
+def gpu_from_device_name(device_name: str) -> Gpu | None:
+    """The table's GPU whose name ``device_name`` (as torch reports it) contains, or None."""
+    return next((GPUS[key] for sub, key in DEVICE_NAMES if sub in device_name), None)
 
 
 def get_gpu(name: str) -> Gpu:

@@ -6,10 +6,10 @@
                                                           (4T per frozen parameter), the methods' declared work
                                                           and recompute's extra forward
 
-Peak: bf16 dense tensor-core TFLOP/s from the vendor data sheets (the anchors' table, as torchtitan has it, with
-sparsity never counted), picked by the device name; ``--peak-tflops`` overrides it. On a CPU or an unknown
-GPU no peak is guessed (torchtitan falls back to A100, which users complain about): MFU and HFU are omitted
-with the reason.
+Peak: the dense bf16 tensor-core FLOP/s of ``dist_peft.accounting.roofline``'s GPU table (the planner's; NVIDIA
+data sheets, sparsity never counted), picked by the device name; ``--peak-tflops`` overrides it. On a CPU or an
+unknown GPU no peak is guessed (torchtitan falls back to A100, which users complain about): MFU and HFU are
+omitted with the reason.
 """
 
 from __future__ import annotations
@@ -18,16 +18,7 @@ import dataclasses
 from typing import Any
 
 from dist_peft.accounting import ModelShape, executed_flops, flop_breakdown, model_flops
-
-BF16_DENSE_TFLOPS = (  # (substring of torch.cuda.get_device_name, TFLOP/s); the first match wins
-    ("H200", 989.0),          # NVIDIA H200 data sheet (SXM and NVL), dense
-    ("H100 NVL", 835.0),      # H100 NVL
-    ("H100 PCIe", 756.0),     # H100 PCIe
-    ("H100", 989.0),          # H100 SXM5
-    ("A100", 312.0),          # A100 (SXM and PCIe, 40 and 80 GB)
-)
-"""Source: NVIDIA's H200, H100 and A100 data sheets (bf16 tensor core, without sparsity)."""
-
+from dist_peft.accounting.roofline import gpu_from_device_name
 
 def device_peak(device_name: str | None, override_tflops: float | None = None) -> tuple[float | None, str]:
     """(peak FLOP/s per device or None, where it came from or why it is missing)."""
@@ -35,9 +26,9 @@ def device_peak(device_name: str | None, override_tflops: float | None = None) -
         return override_tflops * 1e12, f"--peak-tflops {override_tflops:g}"
     if not device_name or device_name == "cpu":
         return None, "CPU: no tensor-core peak to compare with (give --peak-tflops to set one)"
-    for key, tflops in BF16_DENSE_TFLOPS:
-        if key in device_name:
-            return tflops * 1e12, f"{key} bf16 dense {tflops:g} TFLOP/s (NVIDIA data sheet)"
+    gpu = gpu_from_device_name(device_name)
+    if gpu is not None:
+        return gpu.peak_flops, f"{gpu.name} bf16 dense {gpu.peak_flops / 1e12:g} TFLOP/s (NVIDIA data sheet)"
     return None, f"unknown device {device_name!r}: no peak in the table (give --peak-tflops)"
 
 

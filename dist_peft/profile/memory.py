@@ -4,8 +4,8 @@ Measured, not predicted:
   CUDA: the caching allocator's peak allocated and reserved bytes since the last reset (reset before the
         measured steps), allocation retries (cudaMalloc failures the allocator recovered from by freeing its
         cache: a sign of fragmentation) and out-of-memory errors.
-  CPU:  the process's peak resident set (``getrusage``: the whole process's high-water mark, never reset) and
-        the current one.
+  CPU:  the process's peak resident set (Linux VmHWM, reset with the allocator's peaks; elsewhere
+        ``getrusage``'s lifetime high-water mark) and the current one.
   Both: bytes saved for backward (``SavedTensorMeter``), and the tensors the run holds by category: frozen
         weights, adapter parameters, gradients, optimizer state and method buffers (each tensor counted once,
         by storage; under ZeRO the local partitions).
@@ -17,6 +17,7 @@ import contextlib
 import resource
 import sys
 import weakref
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -141,8 +142,7 @@ def allocator_stats(device: torch.device) -> dict[str, Any]:
                 "peak_reserved": s.get("reserved_bytes.all.peak", 0),
                 "alloc_retries": s.get("num_alloc_retries", 0), "ooms": s.get("num_ooms", 0),
                 "device_total": torch.cuda.get_device_properties(device).total_memory}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {"kind": "cpu", "peak_rss": peak, "rss": _current_rss()}
+    return {"kind": "cpu", "peak_rss": peak_rss(), "rss": _current_rss()}
 
 
 def _current_rss() -> int:
@@ -155,5 +155,22 @@ def _current_rss() -> int:
 
 
 def reset_peaks(device: torch.device) -> None:
+    """Start the allocator's peaks again (CUDA), and the process's peak RSS where Linux allows (``peak_rss``)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    try:  # Linux: writing 5 to clear_refs resets VmHWM, the resident high-water mark (proc(5))
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """The process's resident high-water mark in bytes since ``reset_peaks`` (Linux: VmHWM; elsewhere the
+    lifetime peak from ``getrusage``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

@@ -58,9 +58,12 @@ class Settings:
 
 
 def _group_names(trainer: Any) -> dict[str, Any]:
+    """The run's process groups by axis name (the report's group column); the world is named ``world``."""
     if trainer.mg is not None:
         return {"tp": trainer.mg.layout.tp_group, "pp": trainer.mg.pp_group, "dp": trainer.mg.dp_group,
                 "tp×pp": trainer.mg.mp_group}
+    if trainer.ds is not None:
+        return {"dp (ZeRO)": trainer.ds.dp_group}
     return {}
 
 
