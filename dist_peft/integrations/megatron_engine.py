@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,7 +28,7 @@ from dist_peft.integrations.transformers import AdaptedLinear, set_merged
 from dist_peft.methods.base import Controller, ParamLayout
 from dist_peft.parallel import collectives
 from dist_peft.parallel.runtime import ensure_process_group
-from dist_peft.train.config import RunConfig
+from dist_peft.train.config import ConfigError, RunConfig
 from dist_peft.train.data import IGNORE
 
 REPLICATED = ParamLayout(None, False)
@@ -38,16 +37,11 @@ FORWARD_ONLY = {"eval", "logits"}
 calibration backward passes), eval (CE sum and correct argmax count), logits (the logits)."""
 
 
-@functools.lru_cache(maxsize=4)
-def _causal_mask(seq_len: int, device: torch.device) -> Tensor:
-    """megatron's [1, 1, s, s] mask (True: masked), one per length and device, shared by every micro-batch."""
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
-
-
 def to_megatron_batch(batch: Mapping[str, Tensor], seq_len: int, pad_id: int) -> dict[str, Tensor]:
     """A collated HF-style batch (input_ids, labels with -100, optional task_ids) → megatron's tokens,
     next-token labels and loss mask, padded to ``seq_len`` so that every micro-batch has the shape pipeline p2p
-    expects (padding is masked out of the loss and, being after the text, never attended by it)."""
+    expects (padding is masked out of the loss and, being after the text, never attended by it). No attention mask:
+    the core attention is causal by construction (``megatron.SDPAttention``), so no s×s tensor is built."""
     input_ids, labels = batch["input_ids"], batch["labels"]
     b, s = input_ids.shape
     if s > seq_len:
@@ -58,7 +52,7 @@ def to_megatron_batch(batch: Mapping[str, Tensor], seq_len: int, pad_id: int) ->
     target = torch.full((b, seq_len), IGNORE, dtype=torch.long, device=dev)
     target[:, : s - 1] = labels[:, 1:]
     out = {"tokens": tokens, "labels": target.clamp(min=0), "loss_mask": (target != IGNORE).float(),
-           "position_ids": torch.arange(seq_len, device=dev).expand(b, -1), "attention_mask": _causal_mask(seq_len, dev)}
+           "position_ids": torch.arange(seq_len, device=dev).expand(b, -1), "attention_mask": None}
     if "task_ids" in batch:
         out["task_ids"] = batch["task_ids"]
     return out
@@ -73,16 +67,19 @@ class MegatronEngine:
 
         from dist_peft.integrations import megatron_cpu
 
+        p = cfg.parallel
+        if p.sequence_parallel and cfg.data.seq_len % p.tensor:
+            raise ConfigError(f"data.seq_len: {cfg.data.seq_len} tokens do not split over the {p.tensor} ranks of "
+                              f"sequence parallelism (parallel.tensor)")
         megatron_cpu.apply()
         ensure_process_group()
-        p = cfg.parallel
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel(p.tensor, p.pipeline, p.virtual_pipeline if p.virtual_pipeline > 1 else None,
                                          distributed_timeout_minutes=cfg.train.collective_timeout_s / 60)
         model_parallel_cuda_manual_seed(cfg.train.seed)
         self.cfg = cfg
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-        self.chunks, self.hf, self.canonical = build_model(hf_folder, dtype)
+        self.chunks, self.hf, self.canonical = build_model(hf_folder, dtype, p.sequence_parallel, cfg.recompute)
         for chunk in self.chunks if torch.cuda.is_available() else ():
             chunk.cuda(torch.cuda.current_device())
         self.min_microbatches = p.pipeline if len(self.chunks) > 1 else 1
@@ -100,7 +97,13 @@ class MegatronEngine:
         """This rank's part of a checkpoint (``checkpoint.save_parts``)."""
         self.params = {f"{name}.adapter.{p}": t for name, s in self.sites.items()
                        for p, t in s.adapter.named_parameters() if t.requires_grad}
+        self.device = next(iter(self.params.values())).device
         self._mode, self._targets, self._controller = "train", 1.0, Controller({})
+        self._replays = cfg.recompute is not None and cfg.recompute.granularity == "full" and p.pipeline > 1
+        """Full recompute under a pipeline schedule re-runs a micro-batch's layers in its backward, after later
+        micro-batches' forwards have run on this stage: ``controller.on_batch`` is called again with that
+        micro-batch just before (a hook on the stage output), so per-micro-batch adapter state (FO-LoRA's task ids)
+        is the forward's. on_batch sets state, it does not count: calling it twice changes nothing else."""
 
     @property
     def adapters(self) -> dict[str, Any]:
@@ -111,6 +114,8 @@ class MegatronEngine:
         self._controller.on_batch(b)
         labels = None if self._mode in FORWARD_ONLY else b["labels"]  # logits, for the argmax too
         out = model(b["tokens"], b["position_ids"], b["attention_mask"], labels=labels)
+        if self._replays and out.requires_grad:
+            out.register_hook(lambda grad: self._controller.on_batch(b))
         return out, functools.partial(self._loss, b)
 
     def _loss(self, b: Mapping[str, Tensor], output: Tensor):
@@ -152,16 +157,21 @@ class MegatronEngine:
                 forward_step_func=self._forward_step, data_iterator=data, model=self.chunks,
                 num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=mode in FORWARD_ONLY)
 
-    def _stage_sum(self, values: list[float]) -> Tensor:
-        """Values known on the last stage (zeros elsewhere) → on every rank: one all-reduce over the PP group."""
-        t = torch.tensor(values if self.last_stage else [0.0] * len(values), dtype=torch.float64)
+    def _stage_sum(self, out: list[dict[str, Tensor]], keys: tuple[str, ...]) -> Tensor:
+        """Σ over the micro-batches of each key's value, known on the last stage (zeros elsewhere), on every rank:
+        float64 on the device, one all-reduce over the PP group, no host synchronisation."""
+        t = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
+        if out:
+            t += torch.stack([torch.stack([o[k] for o in out]).double().sum() for k in keys])
         return collectives.all_reduce(t, self.pp_group)
 
-    def forward_backward(self, batches: list[dict[str, Tensor]], targets: float, controller: Controller) -> float:
-        """Forward/backward of this DP rank's micro-batches; returns their CE sum (on every rank of the replica)."""
+    def forward_backward(self, batches: list[dict[str, Tensor]], targets: float | Tensor,
+                         controller: Controller) -> Tensor:
+        """Forward/backward of this DP rank's micro-batches; returns their CE sum (on every rank of the replica) as
+        a float64 device scalar: nothing in the schedule reads a value on the host."""
         self._targets = targets
         out = self._run(batches, "train", controller)
-        return float(self._stage_sum([sum(float(o["loss_sum"]) for o in out)])[0])
+        return self._stage_sum(out, ("loss_sum",))[0]
 
     def backward_sum(self, batch: dict[str, Tensor]) -> None:
         """Backpropagate one micro-batch's summed loss (FO-LoRA's calibration passes: the controller has set
@@ -171,8 +181,8 @@ class MegatronEngine:
     def eval_sums(self, batch: dict[str, Tensor], controller: Controller) -> tuple[float, float]:
         """(CE sum, correct next-token predictions) of one batch, on every rank of the replica."""
         out = self._run([batch], "eval", controller)
-        sums = self._stage_sum([sum(float(o["loss_sum"]) for o in out), sum(float(o["correct"]) for o in out)])
-        return float(sums[0]), float(sums[1])
+        loss, correct = self._stage_sum(out, ("loss_sum", "correct")).tolist()
+        return loss, correct
 
     def reduce_grads(self) -> None:
         """TP partial sums of replicated factors, then DP sums of every adapter gradient: one coalesced
@@ -188,21 +198,22 @@ class MegatronEngine:
         collectives.all_reduce_coalesced(partial, self.layout.tp_group)
         collectives.all_reduce_coalesced(every, self.dp_group)
 
-    def clip(self, max_norm: float | None) -> float:
+    def clip(self, max_norm: float | None) -> Tensor:
         """Global gradient norm as the single-process run computes it (each shard once, summed over TP and PP);
-        clip in place when above max_norm. Returns the norm before clipping."""
-        sq = torch.zeros((), dtype=torch.float64, device=next(iter(self.params.values())).device)
+        clip in place when above max_norm, as ``clip_grad_norm_`` does (every gradient times min(1, max_norm /
+        (norm + 1e-6)), on the device). Returns the norm before clipping, a device scalar."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for s in self.sites.values():
             for name, layout in s.adapter.param_layouts().items():
                 g = getattr(s.adapter, name).grad
                 if g is not None and (layout.shard_dim is not None or self.layout.tp_rank == 0):
                     sq += g.double().pow(2).sum()
-        collectives.all_reduce(sq, self.mp_group)
-        norm = math.sqrt(float(sq))
-        if max_norm and norm > max_norm:
-            for p in self.params.values():
-                if p.grad is not None:
-                    p.grad.mul_(max_norm / (norm + 1e-6))
+        norm = collectives.all_reduce(sq, self.mp_group).sqrt()
+        if max_norm:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            grads = [p.grad for p in self.params.values() if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, coef.to(grads[0].dtype))
         return norm
 
     def full_adapter_state(self) -> dict[str, Tensor]:

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dist_peft.integrations.transformers import adapted_sites, inject_adapters, save_adapter, trainable_parameters, \
-    trainable_summary, write_adapter_files
+from dist_peft.integrations.transformers import adapted_sites, enable_recompute, inject_adapters, save_adapter, \
+    trainable_parameters, trainable_summary, write_adapter_files
 from dist_peft.methods.base import Adapter, StepContext
 from dist_peft.parallel import collectives
 from dist_peft.parallel.runtime import default_group_timeout, init_runtime
@@ -93,6 +93,8 @@ class Trainer:
             torch.manual_seed(t.seed)  # dropout and any trainable head draw from here on
             inject_adapters(self.model, cfg.method.name, cfg.method.options, cfg.method.target_modules,
                             cfg.model.trainable_modules, seed=t.seed)
+            if cfg.recompute is not None:
+                enable_recompute(self.model, cfg.recompute)
             self.model.to(self.rt.device)
             self.echo(f"{cfg.method.name} on {len(adapted_sites(self.model))} sites; {trainable_summary(self.model)}")
             self.params = trainable_parameters(self.model)
@@ -222,9 +224,7 @@ class Trainer:
             collectives.all_reduce(counts, self.controller.data_group)
         if self.mg is not None:  # megatron's schedule runs every micro-batch (pipelined; it marks its own phases)
             with self.timer.phase("schedule"):
-                loss_sum = torch.tensor(self.mg.forward_backward([self._megatron(b) for b in batches],
-                                                                 float(counts[0]), self.controller),
-                                        dtype=torch.float64)
+                loss_sum = self.mg.forward_backward([self._megatron(b) for b in batches], counts[0], self.controller)
         else:
             self.model.train()
             loss_sum = torch.zeros((), device=self.rt.device)
