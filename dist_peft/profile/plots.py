@@ -23,7 +23,7 @@ def _figure(width: float, height: float):
 def _save(plt: Any, fig: Any, path: Path) -> Path:
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")  # the legend outside the axes included
     plt.close(fig)
     atomic_write(path, buf.getvalue())
     return path
@@ -53,7 +53,7 @@ def plot_phases(configs: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_xlabel("ms per step")
     ax.set_title(title)
     ax.invert_yaxis()
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(labels) < 3 else -0.12))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the bars: never over the axis
     return _save(plt, fig, path)
 
 
