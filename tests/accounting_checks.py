@@ -10,20 +10,23 @@ def _nbytes(tensors) -> int:
 
 
 def record_state_bytes(trainer) -> dict:
-    """Wrap the optimizer's step so that the returned dict gets every byte count at the first step."""
+    """Wrap the optimizer's step so that the returned dict holds each byte count's maximum over the run's steps
+    (a method may train some tensors only in some steps: LoCA's coefficients and locations alternate)."""
     out: dict = {}
     step = trainer.optimizer.step
 
+    def keep(key: str, value: int) -> None:
+        out[key] = max(out.get(key, 0), value)
+
     def measured_step(*args, **kwargs):
-        if not out:
-            modules = trainer.mg.chunks if trainer.mg is not None else [trainer.model]
-            params = list(trainer.params.values())
-            out.update(frozen=_nbytes(p for m in modules for p in m.parameters() if not p.requires_grad),
-                       adapters=_nbytes(params), gradients=_nbytes(p.grad for p in params if p.grad is not None))
+        modules = trainer.mg.chunks if trainer.mg is not None else [trainer.model]
+        params = list(trainer.params.values())
+        keep("frozen", _nbytes(p for m in modules for p in m.parameters() if not p.requires_grad))
+        keep("adapters", _nbytes(params))
+        keep("gradients", _nbytes(p.grad for p in params if p.grad is not None))
         result = step(*args, **kwargs)
-        if "optimizer" not in out:
-            out["optimizer"] = _nbytes(t for s in trainer.optimizer.state.values() for k, t in s.items()
-                                       if k in ("exp_avg", "exp_avg_sq"))
+        keep("optimizer", _nbytes(t for s in trainer.optimizer.state.values() for k, t in s.items()
+                                  if k in ("exp_avg", "exp_avg_sq")))
         return result
 
     trainer.optimizer.step = measured_step

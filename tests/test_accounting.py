@@ -198,3 +198,26 @@ def test_activation_bytes_match_saved_tensors(fields, targets, seq):
     print(f"planned {planned / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB, "
           f"error {planned / measured - 1:+.1%}")
     assert abs(planned - measured) <= 0.10 * measured, (planned, measured)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_megatron_layer_shapes_per_tp_rank_follow_from_the_import_config(name):
+    """The per-rank sites of ``target_sites`` under TP8 (TP4 for 40-head Qwen) have the local sizes megatron-core
+    gives its parallel linears, from the TransformerConfig the engine builds (integrations/megatron.py): linear_qkv
+    out kv_channels·(heads + 2·groups)/TP, linear_proj in kv_channels·heads/TP, fc1 out 2·ffn/TP, fc2 in ffn/TP."""
+    from transformers import AutoConfig
+
+    from dist_peft.accounting import target_sites
+    from dist_peft.integrations.megatron import transformer_config
+
+    fields = load_preset(name)
+    shape = ModelShape.from_hf(fields)
+    tp = 8 if shape.heads % 8 == 0 else 4
+    tc = transformer_config(AutoConfig.for_model(**fields), tp, 1, torch.bfloat16)
+    local = {s.module_type: (s.m_local, s.n_local) for s in target_sites(shape, ALL, tp)}
+    assert local["q_proj"][0] + local["k_proj"][0] + local["v_proj"][0] == \
+        tc.kv_channels * (tc.num_attention_heads + 2 * tc.num_query_groups) // tp
+    assert local["o_proj"] == (tc.hidden_size, tc.kv_channels * tc.num_attention_heads // tp)
+    assert local["gate_proj"][0] + local["up_proj"][0] == 2 * tc.ffn_hidden_size // tp
+    assert local["down_proj"] == (tc.hidden_size, tc.ffn_hidden_size // tp)
+    assert tc.add_qkv_bias == shape.qkv_bias

@@ -11,6 +11,7 @@ TP × PP × VP × DP × ZeRO × recompute layout of the GPUs, fitting ones ranke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from dist_peft.accounting.memory import GIB
@@ -25,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r", type=int, default=16, help="rank of the two-factor methods")
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpu", default="h100-80gb", help="h100-80gb, h200-141gb, a100-80gb, a100-40gb, l40s-48gb")
+    p.add_argument("--peak-tflops", type=float, help="override the GPU's peak (e.g. a CPU's measured matmul rate; "
+                   "the efficiency then counts as 1)")
+    p.add_argument("--memory-gib", type=float, help="override the GPU's memory")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: micro × dp)")
@@ -76,6 +80,11 @@ def run_command(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str
     try:
         cfg = load_config(args.config, overrides) if args.config else from_dict(_flag_config(args))
         shape, gpu = shape_of(cfg.model), get_gpu(args.gpu)
+        if args.peak_tflops:
+            gpu = dataclasses.replace(gpu, name=f"{gpu.name} at {args.peak_tflops:g} TFLOP/s",
+                                      peak_flops=args.peak_tflops * 1e12, gemm_efficiency=1.0)
+        if args.memory_gib:
+            gpu = dataclasses.replace(gpu, hbm_bytes=args.memory_gib * GIB)
         layout = layout_of(cfg, args.gpus)
     except ValueError as e:
         raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None

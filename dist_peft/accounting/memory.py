@@ -17,15 +17,14 @@ tests/test_accounting.py):
     RMSNorm ×2      4h + 4 each: its fp32 input and 1/rms (HF casts to fp32; layer 0's input norm saves nothing
                     when the embedding is frozen)
     norm outputs    a·h each, where a targeted q/k/v (gate/up) adapter saves its input
-    attention       flash / SDPA (transformers): q, k, v after RoPE, output, log-sum-exp: a(2nd + 2gd) + 4n;
-                    unfused (megatron-core local spec): q, k, v repeated to n heads, the fp32 and the bf16 softmax,
-                    output: a·4nd + (4 + a)·n·s
+    attention       SDPA / flash (both engines: transformers' sdpa, the megatron engine's SDPAttention): q, k, v
+                    after RoPE, output, log-sum-exp: a(2nd + 2gd) + 4n; no s² scores
     o_proj input    a·nd if o_proj is targeted (its adapter saves the attention output)
     MLP             gate, SiLU(gate), up: 3af; down's input a·f if down_proj is targeted
     adapters        the method's ``saved_bytes`` per site (LoRA: the a·r product A x)
 Tensor parallelism divides the attention and MLP terms by TP; sequence parallelism also the norm terms.
-Recompute: full keeps only each layer's input (a·h, /TP under SP) plus one layer's working set; selective drops
-the attention core's softmax terms (megatron-core). Pipeline: stage p holds min(pp − p, m) micro-batches in
+Recompute: full keeps only each layer's input (a·h, /TP under SP) plus one layer's working set; selective
+(megatron-core's core attention) keeps q, k, v as the checkpoint's inputs and drops the output and log-sum-exp. Pipeline: stage p holds min(pp − p, m) micro-batches in
 1F1B, the first stage ×(1 + (pp − 1)/(pp·vp)) under interleaving (Megatron's theoretical_memory_usage).
 Logits on the last stage: the fp32 log-softmax saved by the loss, its gradient and the a-byte logits:
 T_mb·V/TP·(8 + a).
@@ -72,11 +71,6 @@ class Layout:
     def engine(self) -> str:
         return "megatron" if self.tp * self.pp > 1 else ("deepspeed" if self.zero else "transformers")
 
-    @property
-    def attention(self) -> str:
-        """flash: SDPA (transformers / DeepSpeed engines); unfused: megatron-core's local-spec core attention."""
-        return "unfused" if self.engine == "megatron" else "flash"
-
 
 @dataclass
 class StageMemory:
@@ -107,10 +101,7 @@ def layer_activation_bytes(shape: ModelShape, method: Any, layout: Layout, first
     sp = tp if layout.sequence_parallel else 1
     norms = (0 if first else 4 * h + 4) + 4 * h + 4
     inputs = a * h * (bool(targets & {"q_proj", "k_proj", "v_proj"}) + bool(targets & {"gate_proj", "up_proj"}))
-    if layout.attention == "flash":
-        attn = a * (2 * nd + 2 * gd) + 4 * n
-    else:
-        attn = a * 4 * nd + (0 if layout.recompute == "selective" else (4 + a) * n * layout.seq_len)
+    attn = a * (nd + 2 * gd) + (0 if layout.recompute == "selective" else a * nd + 4 * n)
     attn += a * nd * ("o_proj" in targets)
     mlp = 3 * a * f + a * f * ("down_proj" in targets)
     own = 0
