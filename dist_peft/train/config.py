@@ -60,6 +60,9 @@ class TinyModelConfig:
 class ModelConfig:
     source: str
     """``tiny-llama``, a packaged model (``smollm2-135m-instruct``) or a local Hugging Face model folder."""
+    preset: str | None = None
+    """A model preset of ``configs/models`` (``llama-3.1-70b``, ...): ``dist-peft plan`` sizes the run from it, and
+    ``train`` first checks that the folder ``source`` holds a model of that shape (``accounting/presets.py``)."""
     task: Literal["causal_lm", "classification"] = "causal_lm"
     num_labels: int | None = None
     """Classification only: the number of classes (the new head is trained, see ``trainable_modules``)."""
@@ -378,6 +381,8 @@ class RunConfig:
                 del d[section]
         if d.get("parallel") and not d["parallel"]["sequence_parallel"]:
             del d["parallel"]["sequence_parallel"]
+        if d["model"]["preset"] is None:  # configs without a preset keep their earlier dict
+            del d["model"]["preset"]
         return _plain(d)
 
 
