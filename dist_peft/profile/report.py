@@ -46,10 +46,15 @@ def summarize(name: str, cfg: Any, ranks: Sequence[dict[str, Any]], settings: An
     names = _phase_order({k for r in ranks for s in r["steps"] for k in s["phases"]})
     rank_phases = {r["rank"]: {phase: statistics.median(s["phases"].get(phase, 0.0) for s in r["steps"][:n])
                                for phase in names} for r in ranks}
+    # share: the phase's part of the rank's total measured time (so a rank's shares add up to 1, which medians
+    # of separate phases need not on a noisy machine), median over ranks
+    totals = {r["rank"]: sum(s["time_s"] for s in r["steps"][:n]) for r in ranks}
+    shares = {r["rank"]: {phase: sum(s["phases"].get(phase, 0.0) for s in r["steps"][:n]) / totals[r["rank"]]
+                          for phase in names} for r in ranks}
     phases = {}
     for phase in names:
         spread = _spread({rank: times[phase] for rank, times in rank_phases.items()})
-        phases[phase] = {**spread, "share": spread["median"] / statistics.median(per_rank.values())}
+        phases[phase] = {**spread, "share": statistics.median(shares[rank][phase] for rank in shares)}
     tokens = statistics.median(s["tokens"] for s in ranks[0]["steps"][:n])
     mp = cfg.parallel.tensor * cfg.parallel.pipeline if cfg.parallel else 1
     samples = cfg.train.micro_batch_size * cfg.train.grad_accum * (world // mp)
