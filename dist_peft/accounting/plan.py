@@ -173,8 +173,12 @@ def check_fits(cfg: Any, world: int, memory_bytes: int | None) -> None:
         check_folder(cfg.model.preset, cfg.model.source)
     if memory_bytes is None:
         return
+    try:
+        shape = shape_of(cfg.model)
+    except ValueError:  # a packaged model or a type the planner does not model: nothing to size
+        return
     gpu = dataclasses.replace(GPUS["h100-80gb"], name="this GPU", hbm_bytes=memory_bytes)
-    plan = make_plan(shape_of(cfg.model), cfg.method, layout_of(cfg, world), gpu)
+    plan = make_plan(shape, cfg.method, layout_of(cfg, world), gpu)
     if not plan.fits:
         raise ValueError(f"this layout does not fit: {'; '.join(plan.problems)} (see `dist-peft plan`)")
 
