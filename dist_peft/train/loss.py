@@ -49,12 +49,14 @@ def _chunk_sums(project: Callable[[Tensor], Tensor], hidden: Tensor, labels: Ten
 
 
 def chunked_cross_entropy(project: Callable[[Tensor], Tensor], hidden: Tensor, labels: Tensor, chunk: int,
-                          with_correct: bool = False) -> tuple[Tensor, Tensor | None]:
+                          with_correct: bool = False, recompute: bool = True) -> tuple[Tensor, Tensor | None]:
     """(Σ cross-entropy, argmax hits or None) of ``project(hidden)`` (T × V logits) against ``labels`` (T), over
-    chunks of ``chunk`` positions (module docstring). No host synchronisation: the sums stay on the device."""
+    chunks of ``chunk`` positions (module docstring). No host synchronisation: the sums stay on the device.
+    ``recompute=False`` keeps each chunk's graph instead of checkpointing it (for an output layer whose weight
+    cannot be recomputed in the backward: ZeRO-3's, partitioned again by then)."""
     loss = hidden.new_zeros((), dtype=torch.float32)
     correct = labels.new_zeros(()) if with_correct else None
-    grad = torch.is_grad_enabled()
+    grad = torch.is_grad_enabled() and recompute
     for start in range(0, labels.shape[0], chunk):
         h, y = hidden[start:start + chunk], labels[start:start + chunk]
         if grad:
@@ -94,4 +96,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], with_correct: boo
     else:
         hidden, project = model(input_ids=ids, attention_mask=mask).logits, nn.Identity()
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    return chunked_cross_entropy(project, hidden, labels, chunk_tokens(vocab, budget), with_correct)
+    # Decision: under ZeRO-3 the head's weight is released after its forward and a checkpointed chunk's recompute
+    # would see the partition (a metadata mismatch), so its chunks keep their graphs: the logits are then saved
+    # per chunk, as before this module (ZeRO-3 runs are the ones to pair with a TP engine at large vocabularies).
+    zero3 = hasattr(getattr(project, "weight", None), "ds_id")
+    return chunked_cross_entropy(project, hidden, labels, chunk_tokens(vocab, budget), with_correct, not zero3)
