@@ -48,10 +48,13 @@ METHODS = {  # method section, other sections: sized so that each method's contr
 }
 
 
-ATOL = {"folora": 3e-4, "frod": 3e-4}
+ATOL = {"folora": 1e-3, "frod": 3e-4}
 """FO-LoRA's V (outside a task's bins) and FRoD's sparse S on the tiny model get near-zero gradients; Adam scales
 them to lr-sized steps, so the rounding of another reduction order shows up to ~1% of lr in a few entries (as in
-tests/test_deepspeed.py); losses still agree to 2e-5 and a wrong reduction moves entries by O(lr)."""
+tests/test_deepspeed.py); losses still agree to 2e-5 and a wrong reduction moves entries by O(lr) (lr = 1e-2).
+FO-LoRA's refit batches its pseudo-inverses over the sites a process holds (issue 17), so a pipeline stage solves a
+different batch than one process does: V differed by up to 2.4e-4 between layouts in one run and exceeded 3e-4 in
+another, hence 1e-3 (still a tenth of lr)."""
 
 
 def _cfg(run_dir, method: str, layout=None, layers: int = 2):
