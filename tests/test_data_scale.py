@@ -65,3 +65,24 @@ def test_million_records_bounded_memory_and_cache_reuse(corpus, tmp_path):
     assert "data: reusing the tokenized" in log and "data: tokenized" not in log
     assert {k: again[k] for k in ("train", "eval")} == {k: first[k] for k in ("train", "eval")}
     assert again["rss_mb"] < RSS_BOUND_MB
+
+
+def _build_missing(path: str, cache: str):
+    from dist_peft.train.config import DataConfig
+    from dist_peft.train.data import build_data
+    from dist_peft.train.models import byte_tokenizer
+
+    try:
+        build_data(DataConfig(source="files", path=path), byte_tokenizer(), 260, Path(cache))
+    except (ValueError, FileNotFoundError) as e:
+        return str(e)
+    return None
+
+
+def test_a_source_that_fails_on_the_builder_rank_is_an_error_on_every_rank(tmp_path):
+    """Only local rank 0 tokenizes; its failure reaches the waiting ranks at once (no wait for the group timeout)."""
+    from distributed import run_dist
+
+    out = run_dist(_build_missing, 2, path=str(tmp_path / "missing.jsonl"), cache=str(tmp_path / "cache"))
+    assert "does not exist" in out[0]
+    assert "failed on another node's local rank 0" in out[1]

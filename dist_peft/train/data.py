@@ -309,11 +309,22 @@ def build_data(cfg: DataConfig, tokenizer, vocab_size: int, cache_dir: Path | No
     sources = cfg.tasks or (cfg,)
     cache_dir = cache_dir or cache_root() / "data"
     if dist.is_initialized() and dist.get_world_size() > 1:
+        error = None
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            for source in sources:
-                if source.source != "synthetic":
-                    ensure_cache(source, tokenizer, cache_dir, echo)
-        dist.barrier()
+            try:
+                for source in sources:
+                    if source.source != "synthetic":
+                        ensure_cache(source, tokenizer, cache_dir, echo)
+            except Exception as e:  # noqa: BLE001 — re-raised below, after every rank has heard of it
+                error = e
+        # In place of a barrier: every rank learns whether a builder failed, so none waits out the group timeout.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        failed = torch.tensor([float(error is not None)], device=device)
+        dist.all_reduce(failed)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise ValueError("data: tokenizing the data failed on another node's local rank 0 (its error names why)")
     if not cfg.tasks:
         train, evl = build_datasets(cfg, tokenizer, vocab_size, cache_dir, echo)
         return train, {"": evl}, BatchOrder(len(train), cfg.seed)
