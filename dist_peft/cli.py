@@ -5,6 +5,7 @@
     dist-peft precompute --config FILE [--set KEY=VALUE ...]
     dist-peft plan (--config FILE | --model PRESET ...) --gpus N [--gpu h100-80gb] [--search]
     dist-peft profile --config FILE [--config FILE2 | --methods lora,loca] [--steps N] [--out DIR] ...
+    dist-peft compare --config COMPARE.yaml [--set KEY=VALUE ...]
 
 A bad config or file ends the command with one ``error:`` line (exit code 2), before any model is built.
 """
@@ -84,6 +85,14 @@ def _profile(args: argparse.Namespace) -> dict:
     return run_command(args, _overrides(args.set))
 
 
+def _compare(args: argparse.Namespace) -> dict:
+    """Every entry of a compare file × its seeds, resumably, then ``report.md`` (``dist_peft/compare``)."""
+    from dist_peft.compare.runs import run_compare
+    from dist_peft.compare.spec import load_spec
+
+    return run_compare(load_spec(args.config, _overrides(args.set)))
+
+
 def _plan(args: argparse.Namespace) -> dict:
     """Bytes per rank, FLOPs, collectives and predicted throughput of a run (``dist_peft/accounting``)."""
     from dist_peft.accounting.cli import run_command
@@ -123,6 +132,11 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="size a run before launch: bytes per rank, FLOPs, collectives, step time")
     plan_arguments(pl)
     pl.set_defaults(func=_plan)
+    cm = sub.add_parser("compare", help="run several methods × seeds on one model and data; report and claims")
+    cm.add_argument("--config", required=True, help="a compare file (configs/compare-smollm2.yaml)")
+    cm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of every entry's run config")
+    cm.set_defaults(func=_compare)
     return p
 
 

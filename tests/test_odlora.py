@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from dist_peft.compare.probes import GradientCosine
 from dist_peft.integrations.transformers import adapted_sites, load_adapter, save_adapter
 from dist_peft.methods.base import Site, StepContext
 from dist_peft.methods.lora import LoraAdapter, LoraConfig
@@ -313,34 +314,15 @@ def test_orthonormal_bases_maximise_the_gradient_cosine():
 
 
 def gradient_cosines(trainer, steps):
-    """Train ``steps`` steps; per step, the unweighted mean over sites of cos(G, G̃) (specs/odlora.md §4.8)
-    with G = ∂L/∂W_eff summed over the step's micro-batches (forward/gradient hooks) and read before the update."""
-    sites, grads, handles, out = adapted_sites(trainer.model), {}, [], []
-
-    def capture(name):
-        def hook(module, inputs, output):
-            x = inputs[0].detach()
-            output.register_hook(lambda gy: grads.__setitem__(name, grads.get(name, 0) + gy.reshape(
-                -1, gy.shape[-1]).double().mT @ x.reshape(-1, x.shape[-1]).double()))
-        return hook
-
-    handles = [s.register_forward_hook(capture(n)) for n, s in sites.items()]
-    before = trainer.controller.before_optimizer_step
-
-    def measure(ctx):
-        out.append(float(np.mean([gradient_cosine(s.adapter, grads[n]) for n, s in sites.items()])))
-        grads.clear()
-        before(ctx)
-
-    trainer.controller.before_optimizer_step = measure
+    """Train ``steps`` steps; per step, the unweighted mean over sites of cos(G, G̃) (specs/odlora.md §4.8), as
+    ``dist-peft compare`` measures it (``compare/probes.py``)."""
+    probe = GradientCosine(trainer)
     try:
         for _ in range(steps):
             trainer.train_step()
     finally:
-        for h in handles:
-            h.remove()
-        trainer.controller.before_optimizer_step = before
-    return out
+        probe.close()
+    return probe.values
 
 
 def test_od_lora_gradient_cosine_exceeds_lora_on_the_tiny_model(tmp_path):

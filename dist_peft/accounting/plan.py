@@ -130,7 +130,8 @@ def search(shape: ModelShape, method: Any, gpus: int, gpu: Gpu, seq_len: int, gl
 
 
 def shape_of(model_cfg: Any) -> ModelShape:
-    """The model shape of a run's ``model`` section: its preset, the tiny model, or the folder's config.json."""
+    """The model shape of a run's ``model`` section: its preset, the tiny model, or the config.json of its folder
+    (a packaged model's converted folder included)."""
     import json
     from pathlib import Path
 
@@ -140,7 +141,10 @@ def shape_of(model_cfg: Any) -> ModelShape:
         return ModelShape.from_hf(load_preset(model_cfg.preset))
     if model_cfg.source == "tiny-llama":
         return ModelShape.from_hf({"model_type": "llama", **dataclasses.asdict(model_cfg.tiny)})
-    path = Path(model_cfg.source) / "config.json"
+    from dist_peft.train.models import PACKAGED_GGUF, packaged_model_dir
+
+    folder = packaged_model_dir(model_cfg.source) if model_cfg.source in PACKAGED_GGUF else Path(model_cfg.source)
+    path = folder / "config.json"
     if not path.is_file():
         raise ValueError(f"model: give model.preset, or a model.source folder with a config.json (got "
                          f"{model_cfg.source!r})")

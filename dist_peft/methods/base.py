@@ -102,6 +102,10 @@ class Controller:
     def after_optimizer_step(self, ctx: "StepContext") -> None:
         """Default: nothing to do (LoRA)."""
 
+    def on_skipped_step(self, ctx: "StepContext") -> None:
+        """The step's loss or gradients were not finite: no hook ran, no update was made, and step ``ctx.step`` comes
+        again with new data (``train/guards.py``). Drop what the step's forward/backward gathered. Default: nothing."""
+
     def state_dict(self) -> dict[str, Tensor]:
         """Method state that a checkpoint must hold to resume exactly (default: none)."""
         return {}
@@ -147,6 +151,9 @@ class Adapter(nn.Module, abc.ABC):
     """Non-trainable tensors that are part of the update (e.g. OD-LoRA's bases): written to adapter files beside
     the trainable ones and restored by ``load_adapter``; never optimized (default: none)."""
     controller_cls: ClassVar[type[Controller]] = Controller
+    size_knob: ClassVar[str | None] = None
+    """The config field that sets the update's size (``r``, ``n_frequency``, ...): ``dist-peft compare`` moves it to
+    match trainable-parameter budgets across methods."""
     method_name: ClassVar[str] = ""
     config_cls: ClassVar[type] = object
 

@@ -430,6 +430,13 @@ class FoloraController(Controller):
     def after_optimizer_step(self, ctx: StepContext) -> None:
         self.step = ctx.step + 1
 
+    def on_skipped_step(self, ctx: StepContext) -> None:
+        """A refit step's captured tokens are the skipped batch's (with non-finite gradients): drop them, so the
+        step's next try captures its own and refits on those alone."""
+        for a in self.adapters.values():
+            a.recorder = None
+        self._captured = None
+
     def state_dict(self) -> dict[str, Tensor]:
         """The step counter and every site's bin → task vector (the masks)."""
         return {"step": torch.tensor(self.step), **{f"bins/{n}": a.folora_bins for n, a in self.adapters.items()}}
@@ -449,6 +456,7 @@ class FoloraController(Controller):
 @register_method("folora", FoloraConfig)
 class FoloraAdapter(Adapter):
     trainable_names = ("folora_U", "folora_V", "folora_G")
+    size_knob = "r"
     buffer_names = ("folora_bins",)
     controller_cls = FoloraController
 

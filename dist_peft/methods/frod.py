@@ -127,6 +127,7 @@ class FrodAdapter(Adapter):
     S_{rows_k, cols_k} on the input side and S_{cols_k, rows_k} on the output side (the kernel applies N̂ᵀ there)."""
 
     trainable_names = ("frod_sigma", "frod_s")
+    size_knob = "sparse_rate"
 
     def __init__(self, site: Site, spec: ShardSpec, cfg: FrodConfig, basis: FrodBasis | None = None,
                  sigma0: Tensor | None = None):

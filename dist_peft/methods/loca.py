@@ -532,6 +532,7 @@ class LocaController(Controller):
 @register_method("loca", LocaConfig)
 class LocaAdapter(Adapter):
     trainable_names = ("loca_coef", "loca_loc")
+    size_knob = "n_frequency"
     controller_cls = LocaController
 
     def __init__(self, site: Site, spec: ShardSpec, cfg: LocaConfig):

@@ -51,6 +51,7 @@ class LoraConfig:
 @register_method("lora", LoraConfig)
 class LoraAdapter(Adapter):
     trainable_names = ("lora_A", "lora_B")
+    size_knob = "r"
     file_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
     def __init__(self, site: Site, spec: ShardSpec, cfg: LoraConfig):

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from dist_peft.profile.report import atomic_write
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +20,7 @@ def _figure(width: float, height: float):
     return plt, *plt.subplots(figsize=(width, height), dpi=110)
 
 
-def _save(plt: Any, fig: Any, path: Path) -> Path:
+def save_figure(plt: Any, fig: Any, path: Path) -> Path:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", bbox_inches="tight")  # the legend outside the axes included
@@ -43,7 +43,7 @@ def plot_phases(configs: Sequence[dict[str, Any]], path: Path) -> Path:
         labels = [c["name"] for c in configs]
         rows = [[c["phases"].get(n, {}).get("median", 0.0) * 1e3 for n in names] for c in configs]
         title = "phases per configuration (median over ranks)"
-    plt, fig, ax = _figure(8, 1.2 + 0.45 * len(labels))
+    plt, fig, ax = new_figure(8, 1.2 + 0.45 * len(labels))
     left = [0.0] * len(labels)
     cmap = plt.get_cmap("tab20")
     for j, name in enumerate(names):
@@ -54,16 +54,16 @@ def plot_phases(configs: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_title(title)
     ax.invert_yaxis()
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the bars: never over the axis
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_steps(configs: Sequence[dict[str, Any]], path: Path) -> Path:
     """The job's step time (slowest rank) over the measured steps, one line per configuration."""
-    plt, fig, ax = _figure(7, 3.2)
+    plt, fig, ax = new_figure(7, 3.2)
     for c in configs:
         ax.plot([t * 1e3 for t in c["step_time_s"]["per_step"]], marker="o", ms=3, label=c["name"])
     ax.set_xlabel("measured step")
     ax.set_ylabel("step time (ms)")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)

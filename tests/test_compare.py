@@ -1,0 +1,83 @@
+"""``dist-peft compare`` on the tiny model: the report and plots, resuming a killed compare without rerunning
+finished runs, budget matching and its clear error, and claims decided within seed noise never called wins."""
+
+import json
+
+import pytest
+import yaml
+
+from dist_peft.cli import main
+from dist_peft.compare import claims
+from dist_peft.compare.spec import load_spec, trainable_count
+from dist_peft.train.config import ConfigError
+from dist_peft.train.loop import Trainer
+
+
+def _write(tmp_path, **changes):
+    spec = {"base": {"model": {"source": "tiny-llama"},
+                     "method": {"name": "lora", "target_modules": ["q_proj", "v_proj"]},
+                     "data": {"source": "synthetic", "seq_len": 16, "eval_examples": 8},
+                     "train": {"steps": 4, "micro_batch_size": 4, "lr": 0.01, "warmup_steps": 1, "threads": 1,
+                               "progress": False},
+                     "output": {"dir": str(tmp_path / "unused")}},
+            "entries": [{"label": "lora", "method": {"name": "lora", "r": 4, "lora_alpha": 8}},
+                        {"label": "scalora", "method": {"name": "scalora", "r": 1, "interval": 2}}],
+            "budget": {"rule": "trainable_params", "reference": "lora"},
+            "seeds": [0, 1], "profile": {"steps": 1, "warmup": 0}, "output": {"dir": str(tmp_path / "cmp")}}
+    spec.update(changes)
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_compare_writes_its_report_and_a_killed_compare_resumes(tmp_path, monkeypatch):
+    path = _write(tmp_path)
+    runs, real_run = [], Trainer.run
+
+    def dies_on_the_third(self):
+        runs.append(self.cfg.output.dir)
+        if len(runs) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_run(self)
+
+    monkeypatch.setattr(Trainer, "run", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        main(["compare", "--config", str(path)])
+    out = tmp_path / "cmp"
+    finished = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/*/result.json")}
+    assert len(finished) == 2 and (out / "profile" / "compare.json").is_file()
+    assert main(["compare", "--config", str(path)]) == 0
+    assert len(runs) == 3 + 2  # only the killed run and the one never started ran again
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    assert len(list((out / "runs").glob("*/*/result.json"))) == 4
+    for png in ("loss_vs_step.png", "loss_vs_time.png", "heldout.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 10_000
+    report = (out / "report.md").read_text()
+    assert "| lora | lora | r=4 |" in report and "| scalora | scalora | r=4 |" in report  # r matched to LoRA's
+    rows = {(c["claim"], c["paper"]): c for c in json.loads((out / "claims.json").read_text())}
+    rank = rows[("ScaLoRA", "rank(W_T − W_0) > r")]
+    assert len(rank["values"]["scalora"]) == 2 and rank["verdict"] in ("supported", "contradicted")
+    assert rows[("FRoD", "faster early convergence than LoRA")]["verdict"].startswith("not tested")
+    metrics = [json.loads(line) for line in (out / "runs/lora/seed1/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics if "loss" in r] == [1, 2, 3, 4]  # the re-run's log holds one run
+
+
+def test_budget_matching_and_an_unmeetable_budget(tmp_path):
+    spec = load_spec(_write(tmp_path, entries=[
+        {"label": "lora", "method": {"name": "lora", "r": 8}},
+        {"label": "loca", "method": {"name": "loca", "n_frequency": 10}},
+        {"label": "frod", "method": {"name": "frod"}}]))
+    target = trainable_count(spec.entries[0].cfg)
+    for e in spec.entries[1:]:
+        assert abs(trainable_count(e.cfg) - target) <= 0.05 * target, e.label
+    with pytest.raises(ConfigError, match=r"budget: frod cannot match lora's .* within 5%"):
+        load_spec(_write(tmp_path, entries=[{"label": "lora", "method": {"name": "lora", "r": 64}},
+                                            {"label": "frod", "method": {"name": "frod"}}]))
+    assert main(["compare", "--config", str(_write(tmp_path, seeds=[]))]) == 2
+
+
+def test_a_difference_within_seed_noise_is_not_a_win():
+    assert claims._verdict([1.0, 1.2, 0.9], [1.1, 1.0, 1.15], True)[0] == "not separable at this scale"
+    assert claims._verdict([1.0, 1.01, 0.99], [2.0, 2.01, 1.99], True)[0] == "supported"
+    assert claims._verdict([2.0, 2.01, 1.99], [1.0, 1.01, 0.99], True)[0] == "contradicted"
+    assert claims._verdict([1.0], [2.0], True)[0] == "not separable at this scale"  # one seed decides nothing
