@@ -289,3 +289,14 @@ def test_each_rank_saves_and_restores_only_its_current_cuda_generator(tmp_path, 
         ckpt.restore(c, trainer.params, trainer.optimizer, trainer.controller)
         assert torch.equal(torch.get_rng_state(), cpu_state)
     assert [(device, state.tolist()) for device, state in restored] == [(3, cuda_state.tolist())] * 2
+
+
+def test_a_mixed_batch_of_instruction_and_packed_rows_keeps_each_rows_targets():
+    """Multitask data concatenates instruction rows (labels: the answer) with packed causal-LM rows (labels None in
+    the mixed set: every token is a target)."""
+    from dist_peft.train.data import IGNORE, collate
+
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7], "task_id": 0},
+                     {"input_ids": [8, 9], "labels": None, "task_id": 1}], pad_id=0)
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, 9, IGNORE]]
+    assert batch["task_ids"].tolist() == [0, 1]

@@ -349,15 +349,16 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
     batch = {"input_ids": ids, "attention_mask": mask}
     if "task_id" in examples[0]:
         batch["task_ids"] = torch.tensor([e["task_id"] for e in examples])
-    if "labels" not in examples[0]:  # packed causal_lm: every token is a target
-        batch["labels"] = ids.masked_fill(mask == 0, IGNORE)
-    elif isinstance(examples[0]["labels"], int):
+    if isinstance(examples[0].get("labels"), int):
         batch["labels"] = torch.tensor([e["labels"] for e in examples])
-    else:
-        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-        for i, e in enumerate(examples):
+        return batch
+    # packed causal_lm rows carry no labels (None where mixed with instruction rows): every token is a target
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    for i, e in enumerate(examples):
+        if e.get("labels") is not None:
+            labels[i] = IGNORE
             labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
-        batch["labels"] = labels
+    batch["labels"] = labels
     return batch
 
 
