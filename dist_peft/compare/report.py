@@ -83,6 +83,9 @@ def markdown(spec: Any, results: dict[str, list[dict]], prof: dict[str, Any] | N
              f"Budget rule: **{spec.rule}**" + (f" (reference {spec.reference})" if spec.rule != "steps" else "")
              + (f", {spec.seconds:g} s" if spec.seconds else "") + ". Held-out figures are mean ± std over seeds.", ""]
     head = ["entry", "method", "size", "trainable", "steps"] + [m[5:] for m in metrics]
+    ranked = any(r["update_rank"] for runs in results.values() for r in runs)
+    if ranked:
+        head.append("rank(W_T − W_0), min–median over sites")
     if prof:
         head += ["× frozen", f"× {spec.reference}", "saved for backward (MiB)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -93,6 +96,9 @@ def markdown(spec: Any, results: dict[str, list[dict]], prof: dict[str, Any] | N
         row = [label, runs[0]["method"], f"{knob}={runs[0]['options'].get(knob)}" if knob else "–",
                f"{runs[0]['trainable']:,}", str(runs[0]["steps"])]
         row += [_ms([r["eval_after"][m] for r in runs]) for m in metrics]
+        if ranked:
+            row.append(", ".join(f"{min(r['update_rank'].values())}–{statistics.median_low(r['update_rank'].values())}"
+                                 for r in runs) if runs[0]["update_rank"] else "–")
         if prof:
             p = prof["entries"][label]
             saved = p["saved_for_backward_bytes"]
