@@ -1,6 +1,7 @@
-"""megatron-core engine on 4 gloo processes: every method under TP=2×PP=2, TP=2×DP=2 and PP=2×DP=2 in one
-launch, each against the single-process transformers engine (the same Trainer without a parallel section) on
-the same tiny Llama and data.
+"""megatron-core engine on 4 gloo processes: every method under TP=2×PP=2, TP=2×DP=2 and PP=2×DP=2, with
+sequence parallelism, and with activation recompute, in one launch, each against the single-process transformers
+engine (the same Trainer without a parallel section) on the same tiny Llama and data; and the transformers engine
+with activation recompute against itself without.
 
 Launch: pytest tests/test_megatron.py (spawns 4 local processes; the megatron CPU shim is applied inside)."""
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from distributed import run_dist
+from accounting_checks import planned_state_bytes, record_state_bytes
+from distributed import release_model_parallel, run_dist
 from dist_peft.files import BadFileError
 from dist_peft.integrations.transformers import load_adapter
 from dist_peft.parallel import collectives
@@ -57,8 +59,31 @@ different batch than one process does: V differed by up to 2.4e-4 between layout
 another, hence 1e-3 (still a tenth of lr)."""
 
 
-def _cfg(run_dir, method: str, layout=None, layers: int = 2):
-    """The method's run under ``layout`` (None: one process) on the tiny model with ``layers`` layers."""
+VARIANTS = {  # name: (layout, config sections added to the method's run, methods)
+    "sp": ((2, 2, 1), {"parallel": {"sequence_parallel": True}}, list(METHODS)),
+    "sp-recompute": ((2, 2, 1), {"parallel": {"sequence_parallel": True}, "recompute": {"granularity": "full"}},
+                     list(METHODS)),
+    "vp-recompute-block": ((1, 2, 2), {"recompute": {"granularity": "full", "method": "block", "num_layers": 1}},
+                           ["lora", "folora"]),
+    "recompute-selective": ((2, 1, 1), {"recompute": {"granularity": "selective"}}, ["lora"]),
+    "long": ((2, 2, 1), {"parallel": {"sequence_parallel": True}, "train": {"steps": 1, "micro_batch_size": 1},
+                         "data": {"seq_len": 8192, "synthetic_examples": 4, "eval_examples": 1}}, ["lora"]),
+}
+"""Each is compared with the single-process run of the same sections without ``parallel`` and ``recompute``.
+sp-recompute recomputes every layer (uniform; FO-LoRA's task ids replayed under 1F1B); vp-recompute-block the
+first layer of each chunk of the interleaved schedule; long trains and evaluates 8192 tokens per sequence at the
+tiny widths."""
+HF_RECOMPUTE = {"recompute": {"granularity": "full"}}
+"""The transformers engine with per-decoder-layer checkpointing: compared with its own run without."""
+
+
+def _layout_of(variant) -> tuple[int, int, int]:
+    return VARIANTS[variant][0] if isinstance(variant, str) else variant
+
+
+def _cfg(run_dir, method: str, layout=None, layers: int = 2, extra: dict | None = None):
+    """The method's run under ``layout`` (None: one process) on the tiny model with ``layers`` layers; ``extra``
+    sections update the config's (key by key)."""
     section, other = METHODS[method]
     dp = WORLD // (layout[0] * layout[1]) if layout else 1
     if method == "frod":  # the HJD cache of this run, not the user's
@@ -68,7 +93,39 @@ def _cfg(run_dir, method: str, layout=None, layers: int = 2):
     raw["model"]["tiny"]["num_hidden_layers"] = layers
     if layout is not None:
         raw["parallel"] = {"tensor": layout[0], "pipeline": layout[1], "virtual_pipeline": layout[2]}
+    for section, values in (extra or {}).items():
+        raw[section] = {**raw.get(section, {}), **values}
     return from_dict(raw)
+
+
+def _reference_extra(variant) -> dict:
+    """The sections of a variant that its single-process reference shares (all but parallel and recompute)."""
+    extra = VARIANTS[variant][1] if isinstance(variant, str) else {}
+    return {k: v for k, v in extra.items() if k not in ("parallel", "recompute")}
+
+
+SYNCING = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__")
+"""Tensor methods that read a value on the host (a device synchronisation on GPUs)."""
+
+
+def _count_syncs(fn, counter: list):
+    """``fn`` with every call of a SYNCING method during it counted into counter[0]."""
+    def counted(*args, **kwargs):
+        originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
+
+        def patch(name):
+            def call(self, *a, **k):
+                counter[0] += 1
+                return originals[name](self, *a, **k)
+            return call
+        try:
+            for name in SYNCING:
+                setattr(torch.Tensor, name, patch(name))
+            return fn(*args, **kwargs)
+        finally:
+            for name, original in originals.items():
+                setattr(torch.Tensor, name, original)
+    return counted
 
 
 PROBE = torch.arange(24).reshape(2, 12) % 250
@@ -76,28 +133,46 @@ EXPORTED = ["lora", "scalora"]
 
 
 def _run(cfg) -> dict:
-    """Train; the history, each step's collective counts, the adapter files' folder, and (megatron) the logits
-    of PROBE before training on the last stage."""
+    """Train; the history, each step's collective counts and adapted-site forwards (counted as they begin: the
+    transformers engine's non-reentrant recompute stops inside the last forward that saves a tensor), the adapter
+    files' folder, and (megatron) the logits of PROBE before training on the last stage and the host reads inside
+    the schedule."""
+    from dist_peft.integrations.transformers import AdaptedLinear
+
     trainer = Trainer(cfg, echo=lambda m: None)
-    logits = None
+    state = record_state_bytes(trainer)
+    logits, syncs = None, [0]
     if trainer.mg is not None:
         from dist_peft.integrations.megatron_engine import to_megatron_batch
 
         logits = trainer.mg.logits(to_megatron_batch({"input_ids": PROBE, "labels": PROBE}, PROBE.shape[1], 256))
-    traces, step = [], trainer.train_step
+        trainer.mg.forward_backward = _count_syncs(trainer.mg.forward_backward, syncs)
+    forwards = [0]
+    for chunk in trainer.mg.chunks if trainer.mg is not None else [trainer.model]:
+        for module in chunk.modules():
+            if isinstance(module, AdaptedLinear):
+                module.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    traces, step, per_step = [], trainer.train_step, []
 
     def traced():
         collectives.TRACE.reset()
+        forwards[0] = 0
         record = step()
         traces.append(collectives.TRACE.reset())
+        per_step.append(forwards[0])
         return record
 
     trainer.train_step = traced
     summary = trainer.run()
     return {"history": trainer.history, "traces": traces, "adapter_dir": summary["adapter_dir"],
-            "checkpoint": summary["checkpoint"],
+            "checkpoint": summary["checkpoint"], "forwards": per_step, "syncs": syncs[0],
             "logits": None if logits is None else logits.numpy(),
-            "schedule": None if trainer.mg is None else (len(trainer.mg.chunks), _schedule_name())}
+            "schedule": None if trainer.mg is None else (len(trainer.mg.chunks), _schedule_name()),
+            "state": state, "planned_state": planned_state_bytes(cfg, WORLD if trainer.mg else 1, _pp_rank(trainer))}
+
+
+def _pp_rank(trainer) -> int:
+    return trainer.mg.layout.pp_rank if trainer.mg is not None else 0
 
 
 def _schedule_name() -> str:
@@ -143,8 +218,6 @@ def _llama3_logits(run_dir: str):
 
 
 def _all_layouts(run_dir: str) -> dict:
-    from megatron.core import parallel_state as ps
-
     out = {}
     for layout in LAYOUTS:
         for method in METHODS:
@@ -154,18 +227,33 @@ def _all_layouts(run_dir: str) -> dict:
                 export(checkpoint_dir(Path(run_dir, name), TRAIN["steps"]), f"{run_dir}/{name}-merged", merged=True)
             if layout == (2, 1, 1) and method == "lora":
                 out["llama3"] = _llama3_logits(run_dir)
-            ps.destroy_model_parallel()
+            release_model_parallel()
+    for variant, (layout, extra, methods) in VARIANTS.items():
+        for method in methods:
+            out[variant, method] = _run(_cfg(f"{run_dir}/{method}-{variant}", method, layout, _layers(layout), extra))
+            release_model_parallel()
     return out
 
 
-def _per_step_all_reduces(tp: int, pp: int) -> int:
-    """LoRA on rank 0 (first stage), per step. Per token: each layer's two row sites reduce in forward and its two
-    column sites all-reduce dgrad in backward, except layer 0's qkv, whose input (frozen embedding) needs no
-    gradient. Per step: the loss targets (DP), coalesced TP-partial and DP gradient sums, the logged loss over
-    PP and DP, and the gradient norm over model parallel."""
-    dp, layers = WORLD // (tp * pp), 2 // pp
-    per_token = TRAIN["grad_accum"] * (4 * layers - 1) if tp > 1 else 0
-    return per_token + (tp > 1) + 3 * (dp > 1) + (pp > 1) + (tp * pp > 1)
+def _frozen_calls(variant) -> dict[str, int]:
+    """Collective calls per step of LoRA on rank 0 (first stage). Per token: each layer's two row sites reduce in
+    forward (sequence parallel: reduce-scatter) and its two column sites all-reduce dgrad in backward (sequence
+    parallel: reduce-scatter, after an all-gather of the input in forward and of the row sites' output gradient in
+    backward), except layer 0's qkv, whose input (frozen embedding) needs no gradient. Full recompute runs every
+    forward collective twice and makes the embedding output need a gradient. Per step: the loss targets (DP),
+    coalesced TP-partial and DP gradient sums, the logged loss over PP and DP, and the gradient norm over model
+    parallel."""
+    tp, pp, _ = _layout_of(variant)
+    extra = VARIANTS[variant][1] if isinstance(variant, str) else {}
+    sp, full = extra.get("parallel", {}).get("sequence_parallel"), extra.get("recompute", {}).get("granularity") == "full"
+    dp, layers, accum = WORLD // (tp * pp), 2 // pp, TRAIN["grad_accum"]
+    per_step = (tp > 1) + 3 * (dp > 1) + (pp > 1) + (tp * pp > 1)
+    if tp == 1:
+        return {"all_reduce": per_step}
+    forward, backward = 2 * layers * (1 + full), 2 * layers - (not full)
+    if not sp:
+        return {"all_reduce": per_step + accum * (forward + backward)}
+    return {"all_reduce": per_step, "all_gather": accum * (forward + 2 * layers), "reduce_scatter": accum * (forward + backward)}
 
 
 @pytest.fixture(scope="module")
@@ -173,31 +261,96 @@ def runs(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("megatron")
     results = run_dist(_all_layouts, WORLD, run_dir=str(run_dir))
     references = {(m, n): _run(_cfg(run_dir / f"{m}-ref{n}", m, layers=n)) for m in METHODS for n in (2, 4)}
+    for variant, (layout, _, methods) in VARIANTS.items():
+        if _reference_extra(variant):
+            references |= {(m, variant): _run(_cfg(run_dir / f"{m}-ref-{variant}", m, layers=_layers(layout),
+                                                   extra=_reference_extra(variant))) for m in methods}
+    references |= {(m, "recompute"): _run(_cfg(run_dir / f"{m}-ref-recompute", m, extra=HF_RECOMPUTE))
+                   for m in METHODS}
     return results, references
+
+
+def _reference(references, method: str, variant):
+    return references.get((method, variant)) or references[method, _layers(_layout_of(variant))]
+
+
+RECORD_TOLERANCES = {"loss": 2e-5, "eval_loss": 2e-5, "eval_a_loss": 2e-5, "eval_b_loss": 2e-5, "grad_norm": 1e-4,
+                     "refit_0_predicted_dloss": 1e-4, "refit_1_predicted_dloss": 1e-4}
+"""Relative tolerances of the logged values compared between runs. The gradient norm sees every adapter gradient
+(a gradient summed twice, e.g. a location gradient counted by a recomputed forward, doubles its share even where
+Adam's update would hide it); FO-LoRA's predicted loss changes are sums over every site (all stages) and captured
+token, so a micro-batch captured twice doubles them (the layouts' values agree to ~5e-7 of the single process's)."""
+
+
+def _assert_same_run(got: dict, ref: dict, method: str, what) -> None:
+    """Per-step losses, gradient norms and FO-LoRA refit statistics, held-out losses and saved adapter weights of
+    ``got`` equal ``ref``'s."""
+    from safetensors.torch import load_file
+
+    assert len(got["history"]) == len(ref["history"]), what
+    for mine, theirs in zip(got["history"], ref["history"]):
+        assert {k for k in theirs if k in RECORD_TOLERANCES} == {k for k in mine if k in RECORD_TOLERANCES}, what
+        for key, tol in RECORD_TOLERANCES.items():
+            if key in theirs:
+                assert math.isclose(mine[key], theirs[key], rel_tol=tol), (what, key, mine, theirs)
+    files = load_file(f"{got['adapter_dir']}/adapter_model.safetensors")
+    ref_files = load_file(f"{ref['adapter_dir']}/adapter_model.safetensors")
+    assert set(files) == set(ref_files), what
+    for key, value in ref_files.items():
+        torch.testing.assert_close(files[key], value, rtol=1e-3, atol=ATOL.get(method, 1e-5), msg=f"{key} under {what}")
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_layout_matches_the_single_process_engine(runs, method):
-    """Each layout's per-step losses, held-out losses before and after, and saved adapter weights (gathered over
-    TP and PP into the transformers engine's files) equal the single-process run's."""
-    from safetensors.torch import load_file
-
+    """Each layout's and variant's (sequence parallel, recompute, 8192-token sequences) per-step losses on every
+    rank, held-out losses before and after, and saved adapter weights (gathered over TP and PP into the
+    transformers engine's files) equal the single-process run's."""
     results, references = runs
-    for layout in LAYOUTS:
-        ref = references[method, _layers(layout)]
-        ref_files = load_file(f"{ref['adapter_dir']}/adapter_model.safetensors")
+    for variant in LAYOUTS + [v for v, (_, _, methods) in VARIANTS.items() if method in methods]:
         for rank in range(WORLD):
-            got = results[rank][layout, method]
-            assert len(got["history"]) == len(ref["history"])
-            for mine, theirs in zip(got["history"], ref["history"]):
-                for key in ("loss", "eval_loss", "eval_a_loss", "eval_b_loss"):
-                    if key in theirs:
-                        assert math.isclose(mine[key], theirs[key], rel_tol=2e-5), (layout, rank, key, mine, theirs)
-        files = load_file(f"{results[0][layout, method]['adapter_dir']}/adapter_model.safetensors")
-        assert set(files) == set(ref_files), layout
-        for key, value in ref_files.items():
-            torch.testing.assert_close(files[key], value, rtol=1e-3, atol=ATOL.get(method, 1e-5),
-                                       msg=f"{key} under {layout}")
+            _assert_same_run(results[rank][variant, method], _reference(references, method, variant), method,
+                             (variant, rank))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_recompute_on_the_transformers_engine_changes_nothing(runs, method):
+    """Per-decoder-layer activation checkpointing re-runs every adapted site's forward once more per micro-batch
+    and gives the losses and adapter weights of the run without it (methods whose backward records statistics,
+    FO-LoRA's refit capture and LoCA's location gradients, included)."""
+    _, references = runs
+    plain, recomputed = references[method, 2], references[method, "recompute"]
+    assert recomputed["forwards"] == [2 * f for f in plain["forwards"]], (plain["forwards"], recomputed["forwards"])
+    _assert_same_run(recomputed, plain, method, "recompute")
+
+
+def test_recompute_sections_the_transformers_engine_cannot_run_are_refused(tmp_path):
+    """Block recompute of the first layer leaves the second layer's activations; uniform groups of several layers
+    are megatron's, a ConfigError on the transformers engine (selective too, refused with the config)."""
+    from dist_peft.integrations.transformers import enable_recompute
+    from dist_peft.train.config import RecomputeConfig
+
+    cfg = _cfg(tmp_path, "lora")
+    model = build_tiny_llama(cfg.model.tiny)
+    enable_recompute(model, RecomputeConfig(method="block", num_layers=1))
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False]
+    with pytest.raises(ConfigError, match="recompute: the transformers and DeepSpeed engines"):
+        enable_recompute(model, RecomputeConfig(method="uniform", num_layers=2))
+    with pytest.raises(ConfigError, match="recompute.granularity: selective"):
+        from_dict({**cfg.to_dict(), "recompute": {"granularity": "selective"}})
+
+
+def test_planned_model_state_bytes_equal_the_engines_tensors(runs):
+    """dist-peft plan's frozen, adapter, gradient and AdamW-moment bytes of each rank equal the largest the tensors
+    of that rank reach during the run, for every method under every layout (TP2×PP2, TP2×DP2, PP2×DP2, PP2×VP2×DP2)
+    and in one process. LoCA trains its coefficients and locations in alternate steps, so its gradients never
+    hold all three B-vectors at once: the plan's figure is then an upper bound."""
+    results, references = runs
+    got = [(key, rank, r) for rank in range(WORLD) for key, r in results[rank].items() if key != "llama3"]
+    for key, rank, r in got + [(key, None, r) for key, r in references.items()]:
+        state, planned = dict(r["state"]), dict(r["planned_state"])
+        if "loca" in key:
+            assert 0 < state.pop("gradients") < planned.pop("gradients"), (key, rank)
+        assert state == planned, (key, rank)
 
 
 def test_megatron_logits_equal_the_hf_models(runs, tmp_path):
@@ -279,33 +432,59 @@ def test_adapter_files_from_tp2_pp2_load_in_the_transformers_engine(runs, tmp_pa
         assert (outputs[1] - build_tiny_llama(cfg.model.tiny)(input_ids=probe).logits).abs().max() > 1e-3
 
 
-def _method_all_reduces(method: str, tp: int, dp: int) -> int:
+def _method_all_reduces(method: str, tp: int, pp: int, dp: int) -> int:
     """A method's own all-reduces in its busiest step, one coalesced call per process group and round, for all
     layers at once (so the count does not depend on the model's depth; FRoD's collective HJD runs once, before
     the first step): OD-LoRA's Cholesky-QR2 takes two rounds
     of r×r Grams over TP; ScaLoRA's Grams one; FO-LoRA's refit, per task, sums over DP twice and over the TP
-    groups of row and of column sites once each; LoCA's location gradients ride in the engine's reduction."""
+    groups of row and of column sites once each, then its predicted loss changes over PP once; LoCA's location
+    gradients ride in the engine's reduction."""
     return {"lora": 0, "loca": 0, "frod": 0, "odlora": 2 * (tp > 1), "scalora": int(tp > 1),
-            "folora": 2 * (2 * (tp > 1) + 2 * (dp > 1))}[method]
+            "folora": 2 * (2 * (tp > 1) + 2 * (dp > 1)) + (pp > 1)}[method]
 
 
 def test_an_adapter_adds_no_per_token_collective(runs):
-    """All-reduces per step on rank 0: LoRA's are exactly the frozen model's per-token ones plus the step's
-    scalars and coalesced gradient sums; every other method adds only its per-step coalesced calls."""
+    """Collectives per step on rank 0, with and without sequence parallelism (and with full recompute): LoRA's are
+    exactly the frozen model's per-token ones plus the step's scalars and coalesced gradient sums; every other
+    method adds only its per-step coalesced all-reduces (no all-gather or reduce-scatter of its own)."""
     results, _ = runs
-    for tp, pp, vp in LAYOUTS:
-        base = _per_step_all_reduces(tp, pp)
+    for variant in LAYOUTS + ["sp", "sp-recompute"]:
+        tp, pp, _ = _layout_of(variant)
+        base = _frozen_calls(variant)
         for method in METHODS:
-            traces = results[0][(tp, pp, vp), method]["traces"]
-            assert all(set(t["calls"]) == {"all_reduce"} for t in traces), traces
-            extra = [t["calls"]["all_reduce"] - base for t in traces]
-            assert min(extra) >= 0 and max(extra) == _method_all_reduces(method, tp, WORLD // (tp * pp)), \
-                ((tp, pp, vp), method, extra)
+            traces = results[0][variant, method]["traces"]
+            assert all(set(t["calls"]) == set(base) for t in traces), (variant, traces)
+            assert all(t["calls"][op] == n for t in traces for op, n in base.items() if op != "all_reduce"), \
+                (variant, method, traces)
+            extra = [t["calls"]["all_reduce"] - base["all_reduce"] for t in traces]
+            assert min(extra) >= 0 and max(extra) == _method_all_reduces(method, tp, pp, WORLD // (tp * pp)), \
+                (variant, method, extra)
+
+
+def test_megatron_recompute_reruns_the_adapted_forwards(runs):
+    """Full recompute runs every adapted site's forward twice per micro-batch (sequence parallel or not; the
+    interleaved block variant too: one layer per chunk, all recomputed); selective recompute (core attention only)
+    and sequence parallelism alone run each once."""
+    results, _ = runs
+    for method in METHODS:
+        plain, sp, again = (results[0][v, method] for v in ((2, 2, 1), "sp", "sp-recompute"))
+        assert sp["forwards"] == plain["forwards"] and again["forwards"] == [2 * f for f in plain["forwards"]]
+    assert results[0]["vp-recompute-block", "lora"]["forwards"] == [2 * f for f in results[0][(1, 2, 2), "lora"]["forwards"]]
+    assert results[0]["recompute-selective", "lora"]["forwards"] == results[0][(2, 1, 1), "lora"]["forwards"]
+
+
+def test_the_schedule_reads_nothing_on_the_host(runs):
+    """LoRA's forward_backward (megatron's schedule, the loss and the stage sum of the logged loss) makes no host
+    read of a tensor value (.item(), float(), .cpu(), ...): every value stays on the device until the step's end."""
+    results, _ = runs
+    for variant in LAYOUTS + ["sp", "sp-recompute"]:
+        assert all(results[rank][variant, "lora"]["syncs"] == 0 for rank in range(WORLD)), variant
 
 
 def test_bad_layouts_are_refused_before_any_collective(tmp_path):
-    """A world that tensor × pipeline does not divide, chunks without a pipeline, and an accumulation that the
-    interleaved schedule cannot group are one ConfigError each, raised from the config alone."""
+    """A world that tensor × pipeline does not divide, chunks without a pipeline, an accumulation that the
+    interleaved schedule cannot group, and sequences that sequence parallelism cannot split are one ConfigError
+    each, raised from the config alone (the last by the engine, before megatron's parallel state exists)."""
     with pytest.raises(ConfigError, match="parallel: tensor × pipeline = 4"):
         check_world_size(_cfg(tmp_path, "lora", (2, 2, 1)), 6)
     raw = _cfg(tmp_path, "lora", (1, 2, 2), layers=4).to_dict()
@@ -313,6 +492,11 @@ def test_bad_layouts_are_refused_before_any_collective(tmp_path):
         from_dict({**raw, "train": {**raw["train"], "grad_accum": 3}})
     with pytest.raises(ConfigError, match="parallel.virtual_pipeline: 2 chunks per stage need pipeline > 1"):
         from_dict({**raw, "parallel": {"virtual_pipeline": 2}})
+    from dist_peft.integrations.megatron_engine import MegatronEngine
+
+    with pytest.raises(ConfigError, match="data.seq_len: 31 tokens do not split over the 2 ranks"):
+        MegatronEngine(_cfg(tmp_path, "lora", (2, 2, 1), extra={"parallel": {"sequence_parallel": True},
+                                                                "data": {"seq_len": 31}}), tmp_path)
 
 
 def test_models_the_import_cannot_map_are_refused():

@@ -5,15 +5,18 @@ attention buffers and pipeline schedules. ``apply()`` patches exactly those, pro
 when CUDA is available, so GPU runs never see it. Verified against megatron-core 0.16.1 (shared notes
 cpu_stack.md §8): TP, PP and interleaved PP reproduce single-process losses exactly with these patches.
 
-  * RNG tracker: keeps CPU generator states instead of CUDA ones (dropout inside ``get_cuda_rng_tracker``).
+  * RNG tracker: keeps CPU generator states instead of CUDA ones (dropout inside ``get_cuda_rng_tracker``); its
+    ``fork`` without megatron's "CPU RNG state changed within GPU RNG context" check, which compares the CPU state
+    with itself here and reads the comparison on the host (``.item()``) at every fork (under sequence parallelism
+    every layer block and embedding forks).
   * ``torch.cuda.current_device`` → the CPU device; ``synchronize`` / ``empty_cache`` → no-ops.
   * pipeline schedules run under ``CudaToCpuMode``, which rewrites ``device="cuda"`` tensor factories.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import logging
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -54,6 +57,28 @@ def _tracker_add(self, name, seed):
     torch.set_rng_state(orig)
 
 
+@contextlib.contextmanager
+def _tracker_fork(self, name: str = "model-parallel-rng"):
+    """megatron's ``CudaRNGStatesTracker.fork`` with the CPU generator as the device one: run the block under
+    state ``name``, keep the state it leaves, restore the state (and state name) the block began with."""
+    if name not in self.states_:
+        raise Exception(f"cuda rng state {name} is not added")
+    orig_state, orig_name = torch.get_rng_state(), self._current_state_name
+    if orig_name != "default-rng":
+        self.states_[orig_name] = orig_state
+    torch.set_rng_state(self.states_[name])
+    self._current_state_name = name
+    try:
+        yield
+    finally:
+        if self._current_state_name != name:
+            raise Exception(f"current state name {self._current_state_name} is not the same as the desired "
+                            f"state name {name}.")
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(self.states_[orig_name] if orig_name != "default-rng" else orig_state)
+        self._current_state_name = orig_name
+
+
 def _patch_schedules() -> None:
     import megatron.core.pipeline_parallel.schedules as schedules
 
@@ -79,7 +104,7 @@ def apply() -> None:
     rng._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     rng._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     rng.CudaRNGStatesTracker.add = _tracker_add
-    logging.getLogger(rng.__name__).setLevel(logging.ERROR)  # "CPU RNG state changed within GPU RNG context"
+    rng.CudaRNGStatesTracker.fork = _tracker_fork
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda *a, **k: None
     torch.cuda.current_device = lambda: torch.device("cpu")
