@@ -89,6 +89,9 @@ class Controller:
     data_group: Any = None
     """The data-parallel process group (None: the world). An engine whose world also holds model-parallel
     ranks sets it, for controllers that reduce statistics over the data (FO-LoRA's calibration)."""
+    layer_group: Any = None
+    """The group whose ranks hold the other layers (pipeline stages; None: every layer is here). An engine that splits
+    the layers sets it, for model-wide sums of per-site statistics (FO-LoRA's predicted loss change)."""
 
     def __init__(self, adapters: Mapping[str, "Adapter"]):
         self.adapters = dict(adapters)

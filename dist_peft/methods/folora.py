@@ -383,14 +383,15 @@ class FoloraController(Controller):
     def _refit(self, lr: float) -> dict[str, float]:
         """Stage 2 on the captured tokens of this step, task by task (see the module docstring). Each site's tokens
         are ordered by task once (a stable sort, so each task keeps its token order) and split by the per-task
-        counts, which one host sync reads for all sites; the predicted loss changes are read in one more."""
+        counts, which one host sync reads for all sites; the predicted loss changes (Σ over every site of the model:
+        summed over ``layer_group``, the stages holding the other layers) are read in one more."""
         eta = self.cfg.refit_lr or lr
         num_tasks = self.cfg.num_tasks
         tokens = {n: [torch.cat(parts) for parts in zip(*self._captured[n])] for n in self.adapters
                   if self._captured[n]}
+        tasks = torch.arange(num_tasks, device=next(iter(self.adapters.values())).folora_U.device)
         if not tokens:
-            return {f"refit_{t}_predicted_dloss": 0.0 for t in range(num_tasks)}
-        tasks = torch.arange(num_tasks, device=next(iter(tokens.values()))[2].device)
+            return self._predicted([torch.zeros((), device=tasks.device)] * num_tasks)
         counts = torch.stack([(ids[None, :] == tasks[:, None]).sum(1) for _, _, ids in tokens.values()]).tolist()
         split = {}
         for (n, (x, g, ids)), count in zip(tokens.items(), counts):
@@ -416,7 +417,14 @@ class FoloraController(Controller):
                 for n, delta in zip(same, deltas):
                     total = total + self.adapters[n].apply_refit(task, delta)
             predicted.append(total)
-        return {f"refit_{t}_predicted_dloss": v for t, v in enumerate(torch.stack(predicted).tolist())}
+        return self._predicted(predicted)
+
+    def _predicted(self, per_task: list[Tensor]) -> dict[str, float]:
+        """The step metrics: each task's predicted loss change of this process's sites, summed over the stages."""
+        total = torch.stack(per_task)
+        if self.layer_group is not None:  # None: every layer is here (not the world group, which may be data parallel)
+            collectives.all_reduce(total, self.layer_group)
+        return {f"refit_{t}_predicted_dloss": v for t, v in enumerate(total.tolist())}
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
         self.check_tasks()
