@@ -151,6 +151,14 @@ def _local_device() -> torch.device:
     return torch.device("cuda", int(value))
 
 
+def name_deepspeed_accelerator() -> None:
+    """``DS_ACCELERATOR=cpu`` where ``_local_device`` picks the CPU (unless already set), before DeepSpeed is
+    imported: by our ZeRO engine, by the DeepSpeed launcher, or by transformers, which imports it whenever it is
+    installed. Left to itself DeepSpeed picks the same here, after warning so in every process (issue 19)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def _backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
