@@ -198,17 +198,22 @@ class MegatronEngine:
         collectives.all_reduce_coalesced(partial, self.layout.tp_group)
         collectives.all_reduce_coalesced(every, self.dp_group)
 
-    def clip(self, max_norm: float | None) -> Tensor:
-        """Global gradient norm as the single-process run computes it (each shard once, summed over TP and PP);
-        clip in place when above max_norm, as ``clip_grad_norm_`` does (every gradient times min(1, max_norm /
-        (norm + 1e-6)), on the device). Returns the norm before clipping, a device scalar."""
+    def grad_sq(self) -> Tensor:
+        """Σ g² over this rank's adapter gradients, each element of the model once (sharded tensors on every TP rank,
+        replicated ones on TP rank 0), float64 on the device: summed over TP and PP it is the global norm²."""
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for s in self.sites.values():
             for name, layout in s.adapter.param_layouts().items():
                 g = getattr(s.adapter, name).grad
                 if g is not None and (layout.shard_dim is not None or self.layout.tp_rank == 0):
                     sq += g.double().pow(2).sum()
-        norm = collectives.all_reduce(sq, self.mp_group).sqrt()
+        return sq
+
+    def clip(self, max_norm: float | None) -> Tensor:
+        """Global gradient norm as the single-process run computes it (``grad_sq`` summed over TP and PP);
+        clip in place when above max_norm, as ``clip_grad_norm_`` does (every gradient times min(1, max_norm /
+        (norm + 1e-6)), on the device). Returns the norm before clipping, a device scalar."""
+        norm = collectives.all_reduce(self.grad_sq(), self.mp_group).sqrt()
         if max_norm:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             grads = [p.grad for p in self.params.values() if p.grad is not None]

@@ -216,19 +216,30 @@ def write_adapter_files(out_dir: str | Path, state: dict[str, Tensor], adapter: 
 
 
 def read_adapter_config(folder: str | Path) -> dict[str, Any]:
-    """Method, config and targets of an adapter folder (ours, or an HF PEFT LoRA folder)."""
+    """Method, config and targets of an adapter folder (ours, or an HF PEFT LoRA folder). The file may come from
+    elsewhere: any key or value this run cannot use is one BadFileError naming the file (the method config is
+    built and validated like a run config's method section)."""
+    from dist_peft.train.config import build  # train imports this module
+
     folder = Path(folder)
-    if (folder / OUR_CONFIG).is_file():
-        meta = read_json(folder / OUR_CONFIG)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise BadFileError(f"{folder / OUR_CONFIG}: format_version {meta.get('format_version')} is not "
-                               f"{FORMAT_VERSION}")
-        entry = get_method(meta["method"])
-        return {**meta, "config": entry.config_cls(**meta["config"])}
-    peft = read_json(folder / PEFT_CONFIG)
-    entry = get_method("lora")
-    return {"method": "lora", "config": entry.adapter_cls.config_from_peft(peft),
-            "target_modules": list(peft["target_modules"]), "modules_to_save": list(peft.get("modules_to_save") or [])}
+    path = folder / (OUR_CONFIG if (folder / OUR_CONFIG).is_file() else PEFT_CONFIG)
+    meta = read_json(path)
+    try:
+        if not isinstance(meta, dict):
+            raise ValueError("expected a JSON object")
+        if path.name == OUR_CONFIG:
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
+            method, config = meta.get("method"), build(get_method(str(meta.get("method"))).config_cls,
+                                                       meta.get("config"), "config")
+        else:
+            method, config = "lora", get_method("lora").adapter_cls.config_from_peft(meta)
+        lists = {k: meta.get(k) or [] for k in ("target_modules", "modules_to_save")}
+        if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in lists.values()):
+            raise ValueError("target_modules and modules_to_save must be lists of module names")
+    except (ValueError, KeyError, TypeError) as e:  # ConfigError is a ValueError
+        raise BadFileError(f"{path}: {e}") from None
+    return {**meta, "method": method, "config": config, **lists}
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> dict[str, AdaptedLinear]:
@@ -242,7 +253,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> dict[str, AdaptedLinea
         inject_adapters(model, meta["method"], meta["config"], meta["target_modules"], meta["modules_to_save"])
     first, _, _ = _describe(model)
     if first.method_name != meta["method"] or first.cfg != meta["config"]:
-        raise ValueError(f"{folder}: adapter is {meta['method']} {meta['config']}, the model holds "
+        raise BadFileError(f"{folder}: adapter is {meta['method']} {meta['config']}, the model holds "
                          f"{first.method_name} {first.cfg}")
     tensors = load_tensors(folder / ADAPTER_WEIGHTS)
     expected = _file_state(model)
