@@ -304,3 +304,16 @@ def test_mutated_checkpoints_load_or_raise_one_bad_file_error(trained, tmp_path_
     except BadFileError:
         return
     trainer.train_step()
+
+
+def test_classification_labels_past_the_head_are_one_config_error(tmp_path):
+    """A label >= model.num_labels is refused when the data is built, not as an index error mid-step."""
+    from dist_peft.train.config import from_dict
+
+    path = tmp_path / "cls.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"row {i}", "label": i % 4}) for i in range(12)) + "\n")
+    raw = tiny_config(tmp_path / "run").to_dict()
+    raw["model"] = {**raw["model"], "task": "classification", "num_labels": 3, "trainable_modules": ["score"]}
+    raw["data"] = {**raw["data"], "source": "files", "path": str(path), "format": "classification", "eval_examples": 2}
+    with pytest.raises(ConfigError, match="model.num_labels: 3 classes, but the data has label 3"):
+        Trainer(from_dict(raw), echo=lambda m: None)
