@@ -78,8 +78,19 @@ Decisions (specs/loca.md §8):
 - Decision (specs/loca.md §7.4): the initial locations are drawn whole from the torch RNG on every shard, so
   all ranks of a split hold the same (a, l); adapter math runs in fp32 whatever the activation dtype (§7.5).
 - Decision (host syncs): the host reads only the numbers of distinct frequencies (cost model, gathered-path
-  sizes), for all sites at once when the locations change (``refresh_locations``): one sync in the first
-  forward after a location step, none in coefficient steps, none per layer or micro-batch.
+  sizes), for all sites at once when the locations change (``refresh_locations``): once when the controller is
+  built and once after each location step (in ``after_optimizer_step``), none in coefficient steps, none per
+  layer or micro-batch.
+- Decision (ZeRO-3, what marks a change): the rounded locations are keyed by ``loca_loc``'s version counter and
+  device, never its ``data_ptr``, and the controller re-indexes every site where it changes them, while the
+  engines hold them whole (its hook). ZeRO-3 re-gathers a parameter into a new buffer at every use: a pointer key
+  changed on some ranks and not on others (allocator reuse), so one rank alone re-indexed its peers inside a
+  forward, and reading a peer's partitioned parameter there is DeepSpeed's implicit all-gather (which also
+  registers it as an external parameter of the module in forward, gathered at each of its later forwards):
+  collectives on one rank only (the gloo size mismatch of issue 17's ZeRO-3 launch). A forward re-indexes only
+  its own site (after a load that wrote the locations); the controller re-indexes all sites together. The dense path's cached ΔW is keyed by the
+  optimizer step as well: the ZeRO engines write updated values into storage the parameter's version counter
+  does not see.
 - Decision (determinism): every scatter with repeated indices is reproducible on CUDA: the spectral path's
   column scatter uses the sort-based ``index_put_(accumulate=True)`` there (``_add_columns``; CUDA's
   ``index_add_`` uses atomics), the gathered and dense paths' ``index_put_`` already does, the sampled products
@@ -468,7 +479,7 @@ def dense_update(coef: Tensor, rows: Tensor, cols: Tensor, m: int, n: int, out_s
 def refresh_locations(adapters: tuple[LocaAdapter, ...]) -> None:
     """Re-index the rounded locations of every adapter in ``adapters`` whose ``loca_loc`` changed; the numbers of
     distinct frequencies that the cost model and the gathered path need are read in one host sync for all of
-    them (so a step syncs once, at its first forward after a location step, whatever the number of layers)."""
+    them (so a step syncs once, after a location step, whatever the number of layers)."""
     stale = [a for a in adapters if a._locs is None or a._locs[0] != a._locations_key()]
     locs = [_Locations(a.loca_loc, a.site.out_features, a.site.in_features) for a in stale]
     counted = [loc for a, loc in zip(stale, locs) if a.cfg.path in ("auto", "gathered")]
@@ -481,22 +492,21 @@ def refresh_locations(adapters: tuple[LocaAdapter, ...]) -> None:
 
 class LocaController(Controller):
     """The alternating schedule of Algorithm 1 over all LoCA adapters, by optimizer step (module docstring).
-    Host syncs: one per step that follows a location step (``refresh_locations``), none otherwise."""
+    Host syncs: one after each location step (``refresh_locations``), none otherwise."""
 
     def __init__(self, adapters: Mapping[str, Adapter]):
         super().__init__(adapters)
         self.cfg: LocaConfig = next(iter(self.adapters.values())).cfg
-        peers = tuple(self.adapters.values())
-        for adapter in peers:
-            adapter.peers = peers
         self.next_step = 0
         """The optimizer step the next forward/backward belongs to."""
         self._set_phase(0)
+        refresh_locations(tuple(self.adapters.values()))  # before any engine partitions them: all whole
 
     def _set_phase(self, step: int) -> None:
         location = is_location_step(step, self.cfg)
         for adapter in self.adapters.values():
             adapter.train_coef, adapter.train_loc = not location, location
+            adapter.step = step
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.step != self.next_step:
@@ -515,7 +525,8 @@ class LocaController(Controller):
     def after_optimizer_step(self, ctx: StepContext) -> None:
         if is_location_step(ctx.step, self.cfg):
             for adapter in self.adapters.values():
-                adapter.loca_loc.clamp_(0.0, 1.0)
+                adapter.loca_loc.clamp_(0.0, 1.0)  # bumps every version: all re-indexed here, where each is whole
+            refresh_locations(tuple(self.adapters.values()))
         self.next_step = ctx.step + 1
         self._set_phase(self.next_step)
 
@@ -549,16 +560,18 @@ class LocaAdapter(Adapter):
         # Which gradients the next backward computes; LocaController sets them per optimizer step.
         self.train_coef, self.train_loc = True, cfg.learns_locations
         self._locs: tuple[tuple, _Locations] | None = None
-        self.peers: tuple[LocaAdapter, ...] = (self,)
-        """The adapters whose changed locations are re-indexed together (``LocaController`` sets all of them)."""
         self._delta: tuple[tuple, Tensor] | None = None
+        self.step = 0
+        """The optimizer step the next forward belongs to (``LocaController`` sets it): keys the cached ΔW."""
 
     def _locations_key(self) -> tuple:
-        return self.loca_loc._version, self.loca_loc.data_ptr()
+        """Changes with every in-place write to ``loca_loc`` and with a device move; not with ZeRO-3's re-gathers
+        (module docstring: why not ``data_ptr``)."""
+        return self.loca_loc._version, self.loca_loc.device
 
     def _locations(self) -> _Locations:
         if self._locs is None or self._locs[0] != self._locations_key():
-            refresh_locations(self.peers)
+            refresh_locations((self,))  # a write outside the schedule (a load): this site only, never a peer
         return self._locs[1]
 
     def _plan(self, tokens: int) -> _Plan:
@@ -575,7 +588,7 @@ class LocaAdapter(Adapter):
 
     @torch.no_grad()
     def _dense_delta(self, plan: _Plan) -> Tensor:
-        key = (self.loca_coef._version, self.loca_coef.data_ptr(), id(plan.locs))
+        key = (self.loca_coef._version, self.step, id(plan.locs))
         if self._delta is None or self._delta[0] != key:
             self._delta = (key, dense_update(self.loca_coef.detach(), plan.locs.rows, plan.locs.cols, plan.m,
                                              plan.n, plan.out_slice, plan.in_slice, plan.scale))
