@@ -56,3 +56,16 @@ def run_dist(fn, world: int, **kwargs) -> dict:
         if isinstance(value, BaseException):
             raise value
     return results
+
+
+def release_model_parallel() -> None:
+    """megatron-core's ``destroy_model_parallel``, then every process group but the default one. Megatron keeps its
+    groups registered with torch, and each gloo group holds its I/O threads until destroyed: a launch that builds
+    many layouts one after another would otherwise run with thousands of threads per rank."""
+    from megatron.core import parallel_state as ps
+
+    groups = [g for g in list(dist.distributed_c10d._world.pg_map) if g is not dist.GroupMember.WORLD]
+    ps.destroy_model_parallel()
+    for group in groups:
+        if group in dist.distributed_c10d._world.pg_map:  # megatron destroys some of its gloo groups itself
+            dist.destroy_process_group(group)
