@@ -1,15 +1,15 @@
 """One readable console per job (issue 19): rank 0 speaks for the job, the other ranks only when something goes
 wrong, every such line names its rank, and the third-party notices this set-up triggers are said once.
 
-``setup(level, ranks)`` configures ``logging`` once per process, first thing in the CLI (before torch,
-transformers, megatron-core or DeepSpeed are imported, so the hooks below see their import-time warnings):
+``setup(level, ranks)`` configures ``logging`` once per process, first thing in the CLI (before megatron-core or
+DeepSpeed are imported, so the hooks below see their import-time warnings):
 
 - Console (stderr): rank 0 at ``level`` (``--log-level`` / ``$DIST_PEFT_LOG_LEVEL``, default INFO), every other rank
   at WARNING. INFO lines are the bare message; a warning or error is ``warning: ...`` / ``error: ...`` and, in a
   job of several ranks, every line of it (a traceback included) starts with ``[rank R] ``.
 - ``dist_peft.*`` loggers log at ``level``; third-party loggers at WARNING (DEBUG when ``level`` is DEBUG), so a
-  library's INFO chatter never reaches the console. DeepSpeed's and transformers' loggers, which print through
-  their own handlers, are routed through these handlers instead (rank prefix, one format).
+  library's INFO chatter never reaches the console. DeepSpeed's, transformers', datasets' and huggingface_hub's
+  loggers, which print through handlers of their own, are routed through these instead (rank prefix, one format).
 - ``--log-ranks all`` (or ``0,5``): those ranks also write everything they log at ``level`` to
   ``output.dir/logs/rank{R}.log`` (``rank_files``, once the config names the folder).
 - Known notices (``NOTICES``: a message that says nothing actionable on this set-up, matched by its exact text
@@ -21,6 +21,8 @@ transformers, megatron-core or DeepSpeed are imported, so the hooks below see th
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -209,18 +211,26 @@ def setup(level: str | None = None, ranks: str | None = None) -> None:
     deepspeed = logging.getLogger("DeepSpeed")  # deepspeed.utils.logger, whenever DeepSpeed creates it
     if not any(isinstance(f, _Adopt) for f in deepspeed.filters):
         deepspeed.addFilter(_Adopt())
-    _adopt_transformers()
+    _adopt_libraries()
 
 
-def _adopt_transformers() -> None:
-    """transformers' loggers print through a handler on their library root logger and do not propagate: switch
-    that off, so their records reach the root's handlers (the import costs well under a second)."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.disable_default_handler()
-    hf_logging.enable_propagation()
+LIBRARY_LOGGING = {"transformers": "transformers.utils.logging", "datasets": "datasets.utils.logging",
+                   "huggingface_hub": "huggingface_hub.utils.logging"}
+"""Libraries whose logging module gives their top logger a stderr handler of its own when imported."""
+
+
+def _adopt_libraries() -> None:
+    """Import each library's logging module now (it is imported for training anyway) and take its own handler off
+    its top logger, with propagation on (transformers turns it off): their records then reach the root's handlers
+    once, with the rank prefix, instead of twice or without it."""
+    for name, module in LIBRARY_LOGGING.items():
+        if importlib.util.find_spec(name) is None:
+            continue
+        importlib.import_module(module)
+        top = logging.getLogger(name)
+        for handler in [h for h in top.handlers if type(h) is logging.StreamHandler]:
+            top.removeHandler(handler)
+        top.propagate = True
 
 
 def rank_files(run_dir: str | Path) -> Path | None:
