@@ -15,8 +15,8 @@ DeepSpeed are imported, so the hooks below see their import-time warnings):
 - Known notices (``NOTICES``: a message that says nothing actionable on this set-up, matched by its exact text
   and the module that emits it, never by category or pattern) are shown in full at DEBUG only; the first of each
   kind logs its one-line summary at INFO. Any other warning shows, as ``warning: Category: text (file:line)``.
-- Ranks other than 0 show no progress bars (``HF_HUB_DISABLE_PROGRESS_BARS``, read by huggingface_hub,
-  transformers and datasets when they are imported).
+- Ranks other than 0 show no progress bars (``PROGRESS_BARS_OFF``, read by huggingface_hub, transformers and
+  datasets when they are imported).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 LEVEL_ENV = "DIST_PEFT_LOG_LEVEL"
+PROGRESS_BARS_OFF = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _log = logging.getLogger(__name__)
 
@@ -206,7 +207,8 @@ def setup(level: str | None = None, ranks: str | None = None) -> None:
     logging.getLogger("dist_peft").setLevel(number)
     _state.update(rank=rank, world=world, level=number, ranks=parse_ranks(ranks), handlers=[console])
     if rank != 0:
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for variable in PROGRESS_BARS_OFF:
+            os.environ.setdefault(variable, "1")
     warnings.showwarning = _showwarning
     deepspeed = logging.getLogger("DeepSpeed")  # deepspeed.utils.logger, whenever DeepSpeed creates it
     if not any(isinstance(f, _Adopt) for f in deepspeed.filters):

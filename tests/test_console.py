@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -122,6 +123,8 @@ def console(monkeypatch):
     saved = root.level, ours.level, warnings.showwarning
     monkeypatch.setattr(logs, "_said", set())
     monkeypatch.setattr(logs, "_state", {})
+    for variable in logs.PROGRESS_BARS_OFF:  # restored after the test (setup sets them on ranks other than 0)
+        monkeypatch.delenv(variable, raising=False)
 
     def configure(rank: int, world: int, level: str | None = None) -> None:
         monkeypatch.setenv("RANK", str(rank))
@@ -145,7 +148,7 @@ def _warn(text: str, module: str) -> None:
 def test_known_notices_are_matched_by_exact_text_and_module(console, capsys):
     """Rank 0: a known notice from its own module is one summary line at INFO, said once however often it comes,
     in full only at DEBUG; the same text from another module, or other text from that module, still shows as a
-    warning. Rank 1 of 2: INFO is silent, a warning shows, every line prefixed with its rank."""
+    warning. Rank 1 of 2: INFO is silent, a warning shows, every line prefixed with its rank; no progress bars."""
     apex = next(n for n in logs.NOTICES if n.module == "megatron.core.models.backends")
     console(0, 2)
     for _ in range(3):
@@ -159,7 +162,9 @@ def test_known_notices_are_matched_by_exact_text_and_module(console, capsys):
     console(0, 1, "DEBUG")
     _warn(apex.message, apex.module)
     assert apex.message in capsys.readouterr().err  # the notice in full, at DEBUG
+    assert not any(v in os.environ for v in logs.PROGRESS_BARS_OFF)
     console(1, 2)
+    assert all(os.environ[v] == "1" for v in logs.PROGRESS_BARS_OFF)
     logging.getLogger("dist_peft.train.loop").info("held-out before: loss 1.0")
     logging.getLogger("megatron.core").warning("two\nlines")
     assert capsys.readouterr().err.strip().splitlines() == ["[rank 1] warning: [megatron.core] two",
