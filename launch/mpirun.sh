@@ -7,6 +7,9 @@
 # Many nodes:  NPROC=16 HOSTFILE=hosts launch/mpirun.sh CONFIG            (run once; hosts: "node0 slots=8")
 # Extra mpirun flags go in MPI_ARGS (e.g. MPI_ARGS="--oversubscribe", or "-x NCCL_DEBUG" to export a variable
 # to other nodes). Open MPI refuses root unless OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 are set.
+# Faults: an MPI job that loses a rank aborts, so this script restarts it: a failed job is launched again
+# up to MAX_RESTARTS times (default 3; 0: fail at once) and resumes from the newest verified checkpoint
+# (train.resume: auto); exit code 2 (a config or file error, "error: ..." on stderr) is not retried.
 set -euo pipefail
 config=${1:?usage: launch/mpirun.sh CONFIG [--set KEY=VALUE ...]}
 shift
@@ -34,5 +37,12 @@ fi
 for v in MASTER_ADDR MASTER_PORT; do
   if [ -n "${!v:-}" ]; then args+=(-x "$v"); fi
 done
-# shellcheck disable=SC2086  # MPI_ARGS is a list of flags
-exec "$MPIRUN" "${args[@]}" ${MPI_ARGS:-} "$PY" -m dist_peft.train --launcher mpi --config "$config" "$@"
+args+=(-x DIST_PEFT_RESTART_COUNT)
+for ((attempt = 0; ; attempt++)); do
+  rc=0
+  # shellcheck disable=SC2086  # MPI_ARGS is a list of flags
+  DIST_PEFT_RESTART_COUNT=$attempt "$MPIRUN" "${args[@]}" ${MPI_ARGS:-} "$PY" -m dist_peft.train --launcher mpi \
+    --config "$config" "$@" || rc=$?
+  if [ "$rc" -eq 0 ] || [ "$rc" -eq 2 ] || [ "$attempt" -ge "${MAX_RESTARTS:-3}" ]; then exit "$rc"; fi
+  echo "launch/mpirun.sh: the job failed (exit $rc); restart $((attempt + 1)) of ${MAX_RESTARTS:-3}" >&2
+done

@@ -38,7 +38,8 @@ def _free_port() -> int:
 
 def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", **extra}
+           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "MAX_RESTARTS": "0", **extra}  # a failure here ends the launch (restarts: tests/test_faults.py)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # each launcher sets its own
     return env
@@ -145,18 +146,22 @@ def _megatron_launch(run_dir: Path, *extra: str, **env: str) -> tuple[list[str],
             _env(NPROC="4", **env))
 
 
-def test_megatron_tp2_pp2_under_torchrun_logs_the_single_process_losses_and_resumes_exactly(tmp_path):
+def test_megatron_tp2_pp2_under_torchrun_logs_the_single_process_losses_and_survives_a_killed_rank(tmp_path):
     """configs/tiny-lora-tp2pp2.yaml on 4 torchrun ranks logs the losses of the same config without its parallel
-    section in one process (float tolerance), writes a checkpoint of 4 parts every 2 steps, and a second launch
-    resumed from step 2 logs steps 3-4 bitwise as the straight run did."""
+    section in one process (float tolerance) and writes a checkpoint of 4 parts every 2 steps; beside it the same
+    launch with rank 2 SIGKILLed as step 4 begins (tests/test_faults.py's hook) restarts by itself, resumes from step
+    2 and logs every step's loss and writes the adapter files bitwise as the straight run did (issue 14)."""
     import yaml
 
     from dist_peft.train.config import from_dict
     from dist_peft.train.loop import Trainer
 
-    run = tmp_path / "tp2pp2"
-    straight = _run_side_by_side({"a": _megatron_launch(run, "--set", "train.steps=4", "--set", "train.save_every=2")})
-    assert straight["a"][0] == 0, straight["a"][1][-3000:]
+    run, killed = tmp_path / "tp2pp2", tmp_path / "killed"
+    steps = ("--set", "train.steps=4", "--set", "train.save_every=2")
+    results = _run_side_by_side({"a": _megatron_launch(run, *steps),
+                                 "b": _megatron_launch(killed, *steps, MAX_RESTARTS="1",
+                                                       DIST_PEFT_FAULT="kill:step:3:2")})
+    assert results["a"][0] == 0, results["a"][1][-3000:]
     raw = yaml.safe_load(MEGATRON.read_text())
     del raw["parallel"]
     raw["train"].update(steps=4, threads=1, progress=False)
@@ -169,11 +174,11 @@ def test_megatron_tp2_pp2_under_torchrun_logs_the_single_process_losses_and_resu
         assert step == record["step"] and abs(loss - record.get("loss", record.get("eval_loss"))) < 1e-4 * loss
     parts = json.loads((run / "checkpoints" / "step_0000002" / "parts.json").read_text())["parts"]
     assert parts == [f"tp{t:02d}_pp{p:02d}_dp000" for t in range(2) for p in range(2)]
-    resumed = _run_side_by_side({"b": _megatron_launch(run, "--set", "train.steps=4", "--resume",
-                                                        str(run / "checkpoints" / "step_0000002"))})
-    assert resumed["b"][0] == 0, resumed["b"][1][-3000:]
-    after = _losses(run)[len(logged):]
-    assert after[1:3] == logged[3:5], (after, logged)  # steps 3 and 4, after the resumed run's eval at step 2
+    rc, out = results["b"]
+    assert rc == 0, out[-3000:]
+    assert f"resumed from {killed / 'checkpoints' / 'step_0000002'} at step 2" in out, out[-3000:]
+    assert _losses(killed) == logged
+    assert (killed / "adapter" / "manifest.json").read_text() == (run / "adapter" / "manifest.json").read_text()
 
 
 def test_a_world_size_the_config_does_not_fit_stops_the_job_before_any_collective(tmp_path):
