@@ -241,13 +241,13 @@ def _frozen_calls(variant) -> dict[str, int]:
     parallel: reduce-scatter, after an all-gather of the input in forward and of the row sites' output gradient in
     backward), except layer 0's qkv, whose input (frozen embedding) needs no gradient. Full recompute runs every
     forward collective twice and makes the embedding output need a gradient. Per step: the loss targets (DP),
-    coalesced TP-partial and DP gradient sums, the logged loss over PP and DP, and the gradient norm over model
-    parallel."""
+    coalesced TP-partial and DP gradient sums, the loss over PP, the step check over the world (loss, gradient
+    norm², non-finite flag: ``train/guards.py``), and the clipping norm over model parallel."""
     tp, pp, _ = _layout_of(variant)
     extra = VARIANTS[variant][1] if isinstance(variant, str) else {}
     sp, full = extra.get("parallel", {}).get("sequence_parallel"), extra.get("recompute", {}).get("granularity") == "full"
     dp, layers, accum = WORLD // (tp * pp), 2 // pp, TRAIN["grad_accum"]
-    per_step = (tp > 1) + 3 * (dp > 1) + (pp > 1) + (tp * pp > 1)
+    per_step = (tp > 1) + 2 * (dp > 1) + 1 + (pp > 1) + (tp * pp > 1)
     if tp == 1:
         return {"all_reduce": per_step}
     forward, backward = 2 * layers * (1 + full), 2 * layers - (not full)
