@@ -85,9 +85,15 @@ def ds_config(cfg: RunConfig, world: int) -> dict[str, Any]:
     quantise, gradients are reduced in bf16). Instead the frozen weights keep ``model.dtype`` (bf16 at scale), the
     adapters keep the fp32 their constructors give them, ``train.precision: bf16`` is the loop's autocast (as in
     the plain engine), and DeepSpeed, seeing fp32 trainable tensors, keeps fp32 master weights, fp32 gradients
-    and fp32 reductions (``communication_data_type`` stated, not left to the default)."""
+    and fp32 reductions (``communication_data_type`` stated, not left to the default).
+
+    Decision (ZeRO-3's ``memory_efficient_linear`` off): DeepSpeed installs it by replacing
+    ``torch.nn.functional.linear`` process-wide, and it stays after the engine is gone: every later model in the
+    process (a plain engine's too) and every adapter's ``F.linear`` would run DeepSpeed's autograd function instead
+    of torch's. torch's linear is correct under ZeRO-3 (DeepSpeed gathers a module's parameters again before its
+    backward), and saves the same tensors."""
     t, z = cfg.train, cfg.deepspeed
-    zero: dict[str, Any] = {"stage": z.zero_stage}
+    zero: dict[str, Any] = {"stage": z.zero_stage, "memory_efficient_linear": False}
     for ours, theirs in (("reduce_bucket_size", "reduce_bucket_size"),
                          ("param_persistence_threshold", "stage3_param_persistence_threshold"),
                          ("max_live_parameters", "stage3_max_live_parameters"),
@@ -506,7 +512,10 @@ class ZeroEngine:
         model, optimizer and controller before DeepSpeed partitioned them (a controller's state may hold whole
         frozen weights: ScaLoRA's merged W); ``checkpoint.restore`` verifies it once more here."""
         params = {n: torch.empty(_full_shape(p), dtype=torch.float32) for n, p in self.params.items()}
-        optimizer = WholeOptimizerState()
+        whole = {id(p): params[n] for n, p in self.params.items()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [whole[i] for i in ids]}
+                  for g, ids in zip(self.optimizer.param_groups, self.group_params)]
+        optimizer = WholeOptimizerState(param_groups=groups)  # the live groups a checkpoint is checked against
         ckpt.restore(c, params, optimizer, WholeState())
         self.load_full(params, optimizer.state_dict())
 
@@ -564,8 +573,12 @@ class WholeOptimizerState:
     """A ``torch.optim`` stand-in holding a whole-tensor state dict: what ``checkpoint.save_checkpoint`` writes
     and ``checkpoint.restore`` fills, so both serve every engine unchanged."""
 
-    def __init__(self, state: Mapping[str, Any] | None = None):
-        self.loaded: dict[str, Any] = dict(state or {})
+    def __init__(self, state: Mapping[str, Any] | None = None, param_groups: list[dict[str, Any]] | None = None):
+        self.param_groups = param_groups or []
+        """The optimizer's groups over whole-shaped tensors (``ZeroEngine.restore``)."""
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        groups = [{**g, "params": [index[id(p)] for p in g["params"]]} for g in self.param_groups]
+        self.loaded: dict[str, Any] = dict(state or {"state": {}, "param_groups": groups})
 
     def state_dict(self) -> dict[str, Any]:
         return self.loaded
