@@ -64,6 +64,10 @@ NOTICES = (
            "optimizers.", _TE_APEX),
     Notice("megatron.core.models.backends", "Apex is not installed. Falling back to Torch Norm", _TE_APEX),
     Notice("megatron.core.models.gpt.gpt_layer_specs", "Apex is not installed. Falling back to Torch Norm", _TE_APEX),
+    # megatron-core 0.16 on every TransformerConfig: its own default cuda_graph_scope "full" (0.19's default,
+    # None, does not warn; passing [] there warns that cuda_graph_scope itself is deprecated). CUDA graphs are off.
+    Notice("megatron.core.transformer.transformer_config", "full scope is deprecated. Use empty cuda_graph_scope to "
+           "capture the whole layer.", "megatron-core: a deprecation notice about its own defaults hidden"),
     # DeepSpeed's launcher on one node (launch/deepspeed.sh without HOSTFILE).
     Notice("deepspeed.launcher.runner", "Unable to find hostfile, will proceed with training with local resources "
            "only.", "deepspeed launcher: no hostfile; running on this node"),

@@ -26,8 +26,6 @@ TP3 = REPO / "configs" / "demo-smollm2-lora-tp3.yaml"
 ZERO2 = REPO / "configs" / "tiny-lora-zero2.yaml"
 PLAIN = REPO / "configs" / "tiny-lora.yaml"
 STEPS = ["--set", "train.steps=2", "--set", "train.warmup_steps=1", "--set", "train.threads=1"]
-FIXED_AT_SOURCE = ("full scope is deprecated",)
-"""Third-party warnings that dist_peft no longer triggers (megatron-core's cuda_graph_scope default)."""
 BAR = re.compile(r"^[\w ]+: +\d+%\|")
 """A progress bar's redraw (rank 0's: training; transformers writing the tiny model's folder)."""
 LAUNCHER_LINES = {"zero2": ["deepspeed launcher: no hostfile; running on this node"]}
@@ -98,7 +96,7 @@ def test_rank_0_speaks_for_the_job_and_a_failing_rank_names_itself(tmp_path):
             assert any(m.startswith("held-out before: ") for m in _logged(f)), f  # the others spoke, to their file
         assert sum(line.startswith("held-out before: ") for line in lines) == 1, out[-3000:]
         assert not any("warning" in line.lower() for line in lines), out[-3000:]
-        for text in [n.message for n in logs.NOTICES] + list(FIXED_AT_SOURCE):
+        for text in [n.message for n in logs.NOTICES]:
             assert text not in out, f"{name}: {text}"
         for line in LAUNCHER_LINES.get(name, ()):
             assert lines.count(line) == 1, (name, line)

@@ -135,8 +135,7 @@ def transformer_config(hf: Any, tp: int, pp: int, dtype: torch.dtype, vp: int = 
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, calculate_per_token_loss=True, sequence_parallel=sequence_parallel,
         **recompute_kwargs(recompute, hf.num_hidden_layers // (pp * vp)),
-        batch_p2p_comm=not cpu,  # gloo: batched p2p is wrong for interleaved schedules (cpu_stack.md §4)
-        cuda_graph_scope=[])  # the whole layer, as megatron's default "full" (which warns that it is deprecated)
+        batch_p2p_comm=not cpu)  # gloo: batched p2p is wrong for interleaved schedules (cpu_stack.md §4)
 
 
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
