@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 import pickle
+import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ from dist_peft.train import checkpoint as ckpt
 from dist_peft.train.config import ConfigError, check_world_size, from_dict
 from dist_peft.train.export import export
 from dist_peft.train.loop import Trainer
-from dist_peft.train.models import load_model
+from dist_peft.train.models import load_model, model_folder, pretrained_partitioned
 
 WORLD, GLOBAL_BATCH = 2, 4
 TRAIN = {"steps": 3, "micro_batch_size": GLOBAL_BATCH // WORLD, "grad_accum": 2, "weight_decay": 0.01, "threads": 1}
@@ -212,10 +214,72 @@ def _zero3_access(trainer) -> dict:
             "numel": site.adapter.site.out_features * site.adapter.site.in_features}
 
 
+LOAD_LAYERS = 8
+"""Decoder layers of the model loaded under ZeRO-3: deep enough that a whole copy exceeds a share plus one layer."""
+
+
+@contextlib.contextmanager
+def _parameter_bytes_peak():
+    """Inside: the peak bytes of parameter storage live in this process, over every ``nn.Parameter`` created inside
+    (whole values and ZeRO-3 partitions, each storage counted once), sampled after every torch function call; the
+    yielded list's one element holds it."""
+    from torch.overrides import TorchFunctionMode
+
+    live, peak, new = weakref.WeakSet(), [0], torch.nn.Parameter.__new__
+
+    def tracked(cls, data=None, requires_grad=True):
+        p = new(cls, data, requires_grad)
+        live.add(p)
+        return p
+
+    def sample():
+        storages = {}
+        for p in list(live):
+            for t in (p.data, getattr(p, "ds_tensor", None)):
+                if t is not None and t.device.type != "meta" and t.untyped_storage().nbytes():
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        peak[0] = max(peak[0], sum(storages.values()))
+
+    class Sampler(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sample()
+            return out
+
+    torch.nn.Parameter.__new__ = staticmethod(tracked)
+    try:
+        with Sampler():
+            yield peak
+        sample()
+    finally:
+        torch.nn.Parameter.__new__ = new
+
+
+def _load_peaks(root: str) -> dict:
+    """Peak parameter bytes on this rank while the LOAD_LAYERS-layer tiny model loads: unpartitioned (``load_model``,
+    what every rank did before issue 13) and partitioned under ZeRO-3 from its folder (``pretrained_partitioned``,
+    the Trainer's path through ``load_partitioned``); the bound is this rank's partitions of every tensor plus one
+    decoder layer whole."""
+    from dist_peft.integrations.deepspeed import ds_config
+
+    cfg = _cfg(f"{root}/load", WORLD, ZERO3, model={"tiny": {"num_hidden_layers": LOAD_LAYERS}})
+    with _parameter_bytes_peak() as before:
+        load_model(cfg.model)
+    folder, tok = model_folder(cfg.model, Path(cfg.output.dir), collectives.group_rank() == 0)  # whole on rank 0:
+    with _parameter_bytes_peak() as after:  # the tiny model is built in code (load_partitioned)
+        model = pretrained_partitioned(folder, cfg.model, ds_config(cfg, WORLD), tok)
+    params = dict(model.named_parameters())
+    size = params["model.embed_tokens.weight"].element_size()
+    layer = sum(p.ds_numel for n, p in params.items() if n.startswith("model.layers.0.")) * size
+    share = sum(p.ds_tensor.numel() for p in params.values()) * size
+    return {"before": before[0], "after": after[0], "whole": sum(p.ds_numel for p in params.values()) * size,
+            "bound": share + layer, "partitioned": all(p.numel() == 0 for p in params.values())}
+
+
 def _zero_runs(root: str) -> dict:
     """Every distributed check on one group: ZeRO-1/2/3 (fp32), ZeRO-2 bf16, ZeRO-3 with a writing controller,
     and a ZeRO-3 run stopped at step 2 and resumed."""
-    out = {}
+    out = {"load": _load_peaks(root)}
     for stage in (1, 2, 3):
         zero = ZERO3 if stage == 3 else {"zero_stage": stage}
         t = Trainer(_cfg(f"{root}/z{stage}", WORLD, zero), echo=lambda m: None)
@@ -349,6 +413,17 @@ def test_zero3_partitions_frozen_weights_and_gathers_them_on_request(zero_runs):
         a = r["z3"]["access"]
         assert a["partitioned"] == 0 and a["seen"] == [a["numel"]]
         assert math.isclose(a["doubled"], 2 * a["whole"], rel_tol=1e-12)
+
+
+def test_zero3_loading_holds_a_share_plus_one_layer_per_rank(zero_runs):
+    """Under ZeRO-3 the model is built partitioned (``load_partitioned``): no rank ever holds more parameter bytes
+    than its share of every tensor plus one decoder layer, on a model whose whole copy exceeds that bound (the
+    unpartitioned load holds the whole model on each rank); every frozen tensor arrives partitioned."""
+    _, results = zero_runs
+    for r in results.values():
+        load = r["load"]
+        assert load["whole"] > load["bound"] and load["before"] >= load["whole"]
+        assert load["partitioned"] and load["after"] <= load["bound"], load
 
 
 def test_zero3_checkpoint_loads_in_one_process_resumes_exactly_and_exports(zero_runs, tmp_path):

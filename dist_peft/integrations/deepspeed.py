@@ -9,7 +9,8 @@ What each stage partitions over the data-parallel ranks (P ranks, adapter tensor
 Set-up order (``ZeroEngine.__init__``; each step needs the one before):
   1. the model holds its adapters and the client ``torch.optim.AdamW`` exists (``loop.build_optimizer``: one
      group per set of optimizer options, each with its ``initial_lr``);
-  2. ``deepspeed.initialize`` wraps both (stage 3 partitions every parameter here); the client optimizer becomes
+  2. ``deepspeed.initialize`` wraps both (stage 3 partitions the adapters here: the frozen weights arrive
+     partitioned, ``models.load_partitioned``); the client optimizer becomes
      DeepSpeed's inner optimizer over flat fp32 partitions, one per group, and keeps its ``param_groups``, so
      the loop's learning-rate schedule still writes ``group["lr"]``;
   3. ZeRO-3 only: each adapted site's frozen weight is registered as an external parameter of its

@@ -92,7 +92,9 @@ def inject_adapters(model: nn.Module, method: str, cfg: Any, target_modules: Ite
                     extra_trainable: Iterable[str] = (), seed: int | None = None) -> dict[str, AdaptedLinear]:
     """Freeze ``model`` and wrap every ``nn.Linear`` whose last name is in ``target_modules``. With ``seed``,
     each adapter is initialised from ``site_seed(seed, path)`` (layout-independent); without, from the
-    global RNG in module order (as HF PEFT does)."""
+    global RNG in module order (as HF PEFT does). On a ZeRO-3 partitioned model each frozen W is gathered whole
+    only while its own adapter is built (one site at a time), and a method's ``prepare`` reads them one layer at
+    a time (FRoD: ``hjd_cache.LatentRows``)."""
     entry = get_method(method)
     targets, extra = set(target_modules), set(extra_trainable)
     if adapted_sites(model):
@@ -109,9 +111,12 @@ def inject_adapters(model: nn.Module, method: str, cfg: Any, target_modules: Ite
         if kind in extra:
             module.requires_grad_(True)
             found.add(kind)
+    from dist_peft.integrations.deepspeed import gathered  # not at the top: that module imports this one
+
     extra_kwargs = entry.adapter_cls.prepare([site for site, _ in sites.values()], cfg)
     for path, (site, module) in sites.items():
-        with seeded(None if seed is None else site_seed(seed, path)):
+        # A ZeRO-3 partitioned model (models.load_partitioned): W whole for its own adapter's construction only.
+        with seeded(None if seed is None else site_seed(seed, path)), gathered([module.weight]):
             adapter = entry.adapter_cls(site, ShardSpec(), cfg, **extra_kwargs.get(path, {}))
         _set_submodule(model, path, AdaptedLinear(module, adapter))
     missing = (targets | extra) - found

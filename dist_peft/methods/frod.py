@@ -250,8 +250,9 @@ class FrodAdapter(Adapter):
             if spec.weight_dim is not None:
                 start, stop = spec.local_range(shape[spec.weight_dim])
                 shape[spec.weight_dim] = stop - start
-            if list(site.weight.shape) != shape:
-                raise ValueError(f"{site.name}: the local weight {tuple(site.weight.shape)} is not the "
+            local = getattr(site.weight, "ds_shape", site.weight.shape)  # ZeRO-3 partitions: their whole shape
+            if list(local) != shape:
+                raise ValueError(f"{site.name}: the local weight {tuple(local)} is not the "
                                  f"{spec.kind.value} shard {tuple(shape)} of the {site.out_features} x "
                                  f"{site.in_features} weight; pass its ShardSpec in specs")
             if type_specs.setdefault(site.module_type, spec) != spec:

@@ -123,8 +123,8 @@ class MergedDelta:
         self.master: Tensor | None = None
         self.lefts: list[Tensor] = []
         self.rights: list[Tensor] = []
-        # W is whole here: the controller is built before an engine partitions the model.
-        self.log_bytes = min(log_bytes, weight.numel() * weight.element_size() // 2)
+        numel = getattr(weight, "ds_numel", weight.numel())  # W's whole size, also when ZeRO-3 partitions it
+        self.log_bytes = min(log_bytes, numel * weight.element_size() // 2)
         self.dense = False  # True once the log was dropped: the checkpoint holds the merged weight
 
     @torch.no_grad()

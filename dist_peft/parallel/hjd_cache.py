@@ -154,19 +154,33 @@ def _gather(t: Tensor, dim: int, group: Any) -> Tensor:
 class LatentRows(Mapping[str, Tensor]):
     """The layers' weights with whole latent rows, read one layer at a time: the local weight, or, when the
     latent dimension is split (``group``), the shards all-gathered over the split's group on each read (a
-    collective: every rank of the group reads the same layers in the same order). Never all layers at once."""
+    collective: every rank of the group reads the same layers in the same order). Never all layers at once; a
+    ZeRO-3 partitioned weight is gathered whole for each read (``_whole``)."""
 
     def __init__(self, local: Mapping[str, Tensor], dim: int = 0, group: Any = None):
         self.local, self.dim, self.group = dict(local), dim, group
 
     def __getitem__(self, name: str) -> Tensor:
-        return _gather(self.local[name], self.dim, self.group)
+        return _gather(_whole(self.local[name]), self.dim, self.group)
 
     def __iter__(self):
         return iter(self.local)
 
     def __len__(self) -> int:
         return len(self.local)
+
+
+def _whole(w: Tensor) -> Tensor:
+    """``w``, or the whole value of a weight that ZeRO-3 partitions (``models.load_partitioned``), gathered for this
+    read only through the partitioned tensor's own all-gather (a collective over the data ranks; this layer imports
+    no engine)."""
+    if getattr(w, "ds_status", None) is None or w.ds_status.name != "NOT_AVAILABLE":
+        return w
+    w.all_gather()
+    try:
+        return w.detach().clone()
+    finally:
+        w.partition(has_been_updated=False)
 
 
 def _first_local(weights: Mapping[str, Tensor]) -> Tensor:

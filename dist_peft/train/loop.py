@@ -10,7 +10,8 @@ Order of one optimizer step (the methods' hooks depend on it):
 Once before the first step (not on resume): controller.calibrate(draw, backward) where the method defines it.
 With a ``deepspeed`` section the same order runs on DeepSpeed's ZeRO engine (``integrations/deepspeed.py``: its
 backward reduces the gradients, its step clips and updates), built after calibration or resume (both run on
-the plain model; a resumed checkpoint's tensors then go into DeepSpeed's partitions).
+the plain model; a resumed checkpoint's tensors then go into DeepSpeed's partitions). Under ZeRO-3 the model is
+loaded partitioned (``models.load_partitioned``) and gathered whole only for that one-time set-up.
 Multitask data (``data.tasks``): batches carry per-sample ``task_ids`` (controller.on_batch hands them to the
 adapters), each task is evaluated on its own held-out set, and ``controller.step_metrics`` (if any) joins the
 step's log record.
@@ -40,7 +41,7 @@ from dist_peft.train import checkpoint as ckpt
 from dist_peft.train.config import RunConfig, TrainConfig, check_world_size
 from dist_peft.train.data import IGNORE, build_data, collate
 from dist_peft.train.loss import causal_lm_loss
-from dist_peft.train.models import load_model, model_folder
+from dist_peft.train.models import load_model, load_partitioned, model_folder
 
 
 RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.threads", "train.eval_every", "train.save_every",
@@ -89,7 +90,13 @@ class Trainer:
         self.run_dir = Path(cfg.output.dir)
         self.mg = None  # the megatron-core engine, with a parallel section
         if cfg.parallel is None:
-            self.model, self.tokenizer = load_model(cfg.model)
+            if cfg.deepspeed is not None and cfg.deepspeed.zero_stage == 3:  # partitioned while it loads
+                from dist_peft.integrations.deepspeed import ds_config
+
+                self.model, self.tokenizer = load_partitioned(cfg.model, ds_config(cfg, self.rt.world), self.run_dir,
+                                                              self.rt.is_main)
+            else:
+                self.model, self.tokenizer = load_model(cfg.model)
             torch.manual_seed(t.seed)  # dropout and any trainable head draw from here on
             inject_adapters(self.model, cfg.method.name, cfg.method.options, cfg.method.target_modules,
                             cfg.model.trainable_modules, seed=t.seed)
@@ -137,6 +144,17 @@ class Trainer:
         with default_group_timeout(self.cfg.train.collective_timeout_s):  # DeepSpeed's groups take no timeout
             return ZeroEngine(self.model, self.optimizer, self.params, self.cfg)
 
+    def _whole_model(self, modify: bool = False) -> contextlib.AbstractContextManager:
+        """The model's frozen weights whole inside, for the one-time set-up that runs before the engine exists
+        (calibration, a resumed controller's state). Only a ZeRO-3 run's model is partitioned then
+        (``models.load_partitioned``); it is gathered whole for that set-up alone (issue 13's remaining gap: no
+        per-module path yet). ``modify``: values written inside are partitioned back (rank 0's)."""
+        if self.cfg.deepspeed is None or self.cfg.deepspeed.zero_stage != 3:
+            return contextlib.nullcontext()
+        from dist_peft.integrations.deepspeed import gathered
+
+        return gathered(self.model.parameters(), modify=modify)
+
     def _resume(self, path: Path) -> ckpt.Checkpoint:
         c = ckpt.load_checkpoint(path, *((self.mg.part_name, self.rt.world) if self.mg else ()))
         # Decision (issue 7): every engine writes whole tensors in one format, so the deepspeed section may change.
@@ -147,7 +165,8 @@ class Trainer:
             raise ValueError(f"--resume {path}: the checkpoint was written with a different "
                              f"{', '.join(sorted(changed))}; only {', '.join(sorted(RESUMABLE_CHANGES))} and the "
                              f"deepspeed section may change on resume")
-        ckpt.restore(c, self.params, self.optimizer, self.controller)
+        with self._whole_model(modify=True):  # a controller's state may hold frozen weights (ScaLoRA's merged W)
+            ckpt.restore(c, self.params, self.optimizer, self.controller)
         self.step, self.position = c.step, c.data_position
         self.echo(f"resumed from {path} at step {self.step}")
         return c
@@ -172,7 +191,8 @@ class Trainer:
             self.model.train()
             self._loss_sum(batch)[0].backward()
 
-        calibrate(draw, backward)
+        with self._whole_model():
+            calibrate(draw, backward)
         self.optimizer.zero_grad(set_to_none=True)
 
     def _autocast(self):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -96,13 +98,62 @@ def load_model(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerFast]:
         return build_tiny_llama(cfg.tiny, cfg.task, cfg.num_labels).to(DTYPES[cfg.dtype]), byte_tokenizer()
     folder = _hf_folder(cfg)
     tok = _tokenizer(folder)
+    return _pretrained(folder, cfg, tok), tok
+
+
+def load_partitioned(cfg: ModelConfig, zero_config: dict[str, Any], run_dir: Path,
+                     is_main: bool) -> tuple[nn.Module, PreTrainedTokenizerFast]:
+    """ZeRO-3 loading (issue 13): (model in eval mode, tokenizer) with every parameter already partitioned over the
+    data ranks (``pretrained_partitioned``). The tiny model goes through a saved folder (``model_folder``), so its
+    weights are bitwise the unpartitioned run's; being built in code, it is whole once on the main rank while that
+    folder is written (a real model is read from its folder: no rank holds it whole)."""
+    folder, tok = model_folder(cfg, run_dir, is_main)
+    model = pretrained_partitioned(folder, cfg, zero_config, tok)
+    if cfg.source == "tiny-llama":  # as load_model's .to(dtype), which casts the buffers too (RoPE's inv_freq)
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.is_floating_point():
+                    module._buffers[name] = buf.to(DTYPES[cfg.dtype])
+    return model, tok
+
+
+def pretrained_partitioned(folder: Path, cfg: ModelConfig, zero_config: dict[str, Any],
+                           tok: PreTrainedTokenizerFast) -> nn.Module:
+    """The model of a Hugging Face folder, partitioned by ZeRO-3 while it loads, so that no rank ever holds more than
+    its share of the parameters plus one module's: transformers' ``HfDeepSpeedConfig`` is alive while
+    ``from_pretrained`` runs, so the model is built under ``deepspeed.zero.Init`` (each module's tensors partitioned
+    as soon as it is constructed) and the checkpoint's tensors stream into the partitions one module at a time (rank
+    0 reads them memory-mapped, the others only their shapes). ``zero_config``: the run's DeepSpeed config
+    (``integrations.deepspeed.ds_config``); a collective over the data ranks.
+
+    Decisions: ``zero.Init`` casts every tensor it creates to its config's dtype, so the config it reads here states
+    the frozen weights' dtype (bf16 on for a bf16 model; the engine's own config keeps DeepSpeed's bf16 mode off,
+    ``ds_config``). The ``HfDeepSpeedConfig`` is dropped after loading: transformers reads it process-wide, and a
+    later unpartitioned model in the process (a plain run, an export) must load as usual."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from dist_peft.integrations.deepspeed import _import_deepspeed
+    from dist_peft.parallel.runtime import ensure_process_group
+
+    deepspeed = _import_deepspeed()
+    ensure_process_group()  # zero.Init needs a group even for one process, and this launcher variable
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False, dist_init_required=False)  # on torch's group
+    hf_ds = HfDeepSpeedConfig({**zero_config, "bf16": {"enabled": cfg.dtype == "bfloat16"}})
+    try:
+        return _pretrained(folder, cfg, tok)
+    finally:
+        del hf_ds
+
+
+def _pretrained(folder: Path, cfg: ModelConfig, tok: PreTrainedTokenizerFast) -> nn.Module:
     if cfg.task == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=cfg.num_labels,
                                                                    dtype=DTYPES[cfg.dtype])
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[cfg.dtype])
     model.config.pad_token_id = tok.pad_token_id
-    return model.eval(), tok
+    return model.eval()
 
 
 def model_folder(cfg: ModelConfig, run_dir: Path, is_main: bool) -> tuple[Path, PreTrainedTokenizerFast]:
@@ -114,7 +165,7 @@ def model_folder(cfg: ModelConfig, run_dir: Path, is_main: bool) -> tuple[Path, 
     if is_main:
         if cfg.source == "tiny-llama":
             with atomic_dir(run_dir / "tiny-llama") as tmp:
-                build_tiny_llama(cfg.tiny).to(DTYPES[cfg.dtype]).save_pretrained(tmp)
+                build_tiny_llama(cfg.tiny, cfg.task, cfg.num_labels).to(DTYPES[cfg.dtype]).save_pretrained(tmp)
         elif cfg.source in PACKAGED_GGUF:
             packaged_model_dir(cfg.source)
     if dist.is_initialized():
