@@ -66,7 +66,8 @@ def task_losses(run: dict) -> dict[str, float]:
 
 
 def train_losses(run: dict) -> list[float]:
-    return [r["loss"] for r in run["history"] if "loss" in r]
+    """The loss of every optimizer step (a skipped non-finite step made none: ``train/guards.py``)."""
+    return [r["loss"] for r in run["history"] if "lr" in r and not r.get("skipped")]
 
 
 def mean_loss(fraction: float) -> Callable[[dict], float]:

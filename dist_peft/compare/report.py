@@ -24,12 +24,14 @@ def _ms(values: Sequence[float], digits: int = 4) -> str:
 
 
 def _elapsed(run: dict) -> list[float]:
-    """Seconds of training at the end of each step (tokens so far / tokens per second so far)."""
+    """Seconds of training at the end of each optimizer step (tokens so far / tokens per second so far; a skipped
+    step's time counts, its point is left out as its loss is)."""
     out, tokens = [], 0
     for r in run["history"]:
-        if "loss" in r:
+        if "lr" in r:
             tokens += r["tokens"]
-            out.append(tokens / r["tokens_per_s"])
+            if not r.get("skipped"):
+                out.append(tokens / r["tokens_per_s"])
     return out
 
 
