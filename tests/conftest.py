@@ -54,7 +54,7 @@ def tiny_config(run_dir, **sections):
         "output": {"dir": str(run_dir)},
     }
     for key, value in sections.items():
-        raw[key] = {**raw[key], **value}
+        raw[key] = {**raw.get(key, {}), **value}
     return from_dict(raw)
 
 

@@ -592,3 +592,13 @@ def controller_bench(names=("lora", "odlora", "scalora", "scalora-paper", "scalo
         print(f"{runner.name:<14} median step {statistics.median(runner.times):.3f} s, hooks/step "
               f"{statistics.mean(runner.hook_times[warmup:]) * 1e3:.1f} ms, amortised / lora "
               f"{base[runner.name] / base['lora']:.3f}")
+
+
+def test_fp32_merge_under_zero3_with_bf16_weights_is_refused(tmp_path):
+    """Its fp32 master would be a whole copy of every adapted weight on every rank: one ConfigError, before a model."""
+    from dist_peft.train.config import ConfigError
+
+    method = {"name": "scalora", "target_modules": ["q_proj"], "r": 2, "fp32_merge": True}
+    with pytest.raises(ConfigError, match="method.fp32_merge: under ZeRO-3"):
+        tiny_config(tmp_path, method=method, model={"dtype": "bfloat16"}, deepspeed={"zero_stage": 3})
+    tiny_config(tmp_path, method=method, model={"dtype": "bfloat16"}, deepspeed={"zero_stage": 2})  # allowed

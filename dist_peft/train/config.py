@@ -9,6 +9,7 @@ own config dataclass (``methods/<name>.py``), whose validation errors are report
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -185,6 +186,12 @@ class TrainConfig:
     save_every: int = 0
     """Write a resumable checkpoint every N steps (0: at the end only)."""
     keep_checkpoints: int = 2
+    """Checkpoints kept; the one just written is never deleted."""
+    resume: str = "auto"
+    """Where ``dist-peft train`` (every launcher) starts: ``auto`` — from the newest checkpoint of ``output.dir``
+    whose SHA-256 manifest verifies (newer corrupt or incomplete ones skipped with a warning), fresh when there
+    is none, so a restarted job continues by itself; ``never`` — fresh; a folder — that checkpoint. ``--resume``
+    overrides it; a ``Trainer`` built in Python starts fresh unless given ``resume=``."""
     seed: int = 0
     """Seed of adapter initialisation and dropout."""
     threads: int | None = None
@@ -194,10 +201,19 @@ class TrainConfig:
     """Seconds a rank waits in one collective before its process group fails the job: the default group's,
     megatron-core's and DeepSpeed's groups (``parallel/runtime.py``). It must cover the longest time one rank works
     alone while the others wait: a 70B per-rank load, rank 0's checkpoint write, the export writer."""
+    step_timeout_s: float | None = None
+    """Seconds one training step may run on a rank before its watchdog writes every thread's stack and the last
+    collective to ``output.dir/hang-rank{R}.txt`` and ends the process (exit code 124), so the launcher restarts
+    the job (``train/guards.py``); None: no watchdog. Set it well above the slowest step and below
+    collective_timeout_s: it names the stuck rank long before the process group's timeout fails the job."""
+    max_bad_steps: int = 5
+    """Steps in a row whose loss or gradient norm is not finite (each skipped on every rank, weights and method
+    state untouched: ``train/guards.py``) before the run stops with an error."""
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "micro_batch_size", "grad_accum", "lr", "max_grad_norm", "keep_checkpoints",
-                  "eval_batches", "threads", "collective_timeout_s")
+                  "eval_batches", "threads", "collective_timeout_s",
+                  "step_timeout_s", "max_bad_steps")
         _positive(self, "warmup_steps", "eval_every", "save_every", "weight_decay", allow_zero=True)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
@@ -354,6 +370,11 @@ class RunConfig:
         if self.deepspeed and self.deepspeed.train_batch_size and self.deepspeed.train_batch_size % per_rank:
             raise ValueError(f"deepspeed.train_batch_size: {self.deepspeed.train_batch_size} is not a multiple of "
                              f"train.micro_batch_size × train.grad_accum = {per_rank}")
+        if getattr(self.method.options, "fp32_merge", False) and self.deepspeed and self.deepspeed.zero_stage == 3 \
+                and self.model.dtype != "float32":
+            raise ValueError("method.fp32_merge: under ZeRO-3 its fp32 master is a whole, unpartitioned copy of every "
+                             "adapted weight on every rank (4 bytes per element; methods/scalora.py); leave it off, "
+                             "or use ZeRO stage 1 or 2")
         if self.recompute is not None and self.recompute.granularity == "selective" and self.parallel is None:
             raise ValueError("recompute.granularity: selective recompute is megatron-core's (a parallel section); "
                              "the transformers and DeepSpeed engines recompute whole layers (full)")
@@ -435,6 +456,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return value if isinstance(value, tp) else build(tp, value, where)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (isinstance(value, int) and abs(value) < 2 ** 1000 or isinstance(value, float) and math.isfinite(value)):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is bool and isinstance(value, bool) or tp in (int, str) and type(value) is tp:
         return value
@@ -466,6 +489,8 @@ def _build_method(raw: Any) -> MethodConfig:
         raise ConfigError(f"method: expected a mapping, got {raw!r}")
     raw = dict(raw)
     name = raw.pop("name", "lora")
+    if not isinstance(name, str):
+        raise ConfigError(f"method.name: expected a method name, got {name!r}")
     try:
         entry = get_method(name)
     except ValueError as e:
@@ -492,18 +517,37 @@ def _inherit_task_keys(data: Any) -> Any:
     return {**data, "tasks": [{**shared, **t} if isinstance(t, dict) else t for t in data["tasks"]]}
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file larger than this (1 MiB) is refused before it is parsed."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors/aliases: a config from elsewhere cannot expand into exponentially many nodes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML run config; ``overrides`` maps dotted keys (``train.steps``) to values."""
+    """Read a YAML run config; ``overrides`` maps dotted keys (``train.steps``) to values. A file from elsewhere
+    gives a RunConfig or one ConfigError: size bounded before reading, UTF-8, plain YAML (no aliases, no tags)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        if Path(path).stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a run config")
+        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_NoAliasLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, last = dotted.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            node = node.setdefault(p, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parents) or 'the config'} is not a mapping")
         node[last] = value
     return from_dict(raw)
