@@ -1,13 +1,16 @@
 """``dist-peft``: train and export.
 
     dist-peft train --config FILE [--resume [CHECKPOINT]] [--set train.steps=10 ...] [--launcher mpi]
+                    [--log-level INFO] [--log-ranks all]
     dist-peft export --checkpoint DIR --out DIR [--merged]
     dist-peft precompute --config FILE [--set KEY=VALUE ...]
     dist-peft plan (--config FILE | --model PRESET ...) --gpus N [--gpu h100-80gb] [--search]
     dist-peft profile --config FILE [--config FILE2 | --methods lora,loca] [--steps N] [--out DIR] ...
     dist-peft compare --config COMPARE.yaml [--set KEY=VALUE ...]
 
-A bad config or file ends the command with one ``error:`` line (exit code 2), before any model is built.
+A bad config or file ends the command with one ``error:`` line (exit code 2), before any model is built; any other
+exception with ``error: Type: message`` and its traceback (exit code 1). The console is ``logs.py``'s: in a job,
+rank 0 speaks and every line of another rank's warning or error starts with ``[rank R]``.
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 
 import yaml
 
-from dist_peft.files import BadFileError
-from dist_peft.parallel.runtime import LaunchError, mpi_job
+from dist_peft import logs
+from dist_peft.files import BadFileError, StorageError
+from dist_peft.parallel.runtime import LaunchError, mpi_job, shutdown, name_deepspeed_accelerator
 from dist_peft.train.config import ConfigError
+from dist_peft.train.guards import StepFaultError
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -39,6 +45,7 @@ def _train(args: argparse.Namespace) -> dict:
     from dist_peft.train.config import check_world_size, load_config
 
     cfg = load_config(args.config, _overrides(args.set))
+    logs.rank_files(cfg.output.dir)  # --log-ranks: this rank's log to output.dir/logs/rank{R}.log
 
     def fits(world: int) -> None:
         check_world_size(cfg, world)
@@ -46,18 +53,15 @@ def _train(args: argparse.Namespace) -> dict:
     # mpi: rank, world and master from mpi4py (checked against the config first); an error aborts every rank
     with mpi_job(fits) if args.launcher == "mpi" else contextlib.nullcontext():
         fits(int(os.environ.get("WORLD_SIZE", "1")))  # the launcher's world, before the heavy imports
-        from dist_peft.train import checkpoint as ckpt
         from dist_peft.accounting.plan import preflight
         from dist_peft.train.loop import Trainer
 
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # preset ≡ weights folder; the layout fits the GPU
 
-        resume = args.resume
-        if resume == "latest":
-            resume = ckpt.latest_checkpoint(cfg.output.dir)
-            if resume is None:
-                raise BadFileError(f"--resume: no checkpoint under {cfg.output.dir}/checkpoints")
-        return Trainer(cfg, resume=resume).run()
+        # train.resume (auto: the newest verified checkpoint, so a restarted job continues); --resume overrides it
+        summary = Trainer(cfg, resume=args.resume or cfg.train.resume).run()
+        shutdown()
+        return summary
 
 
 def _export(args: argparse.Namespace) -> dict:
@@ -106,12 +110,18 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune with a YAML config")
     t.add_argument("--config", required=True)
     t.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from a checkpoint folder (default: the run's latest)")
+                   help="continue from a checkpoint folder (default: the run's newest verified one; without the "
+                        "flag, train.resume decides: auto by default)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by some launchers
     t.add_argument("--launcher", choices=("env", "mpi"), default="env",
                    help="env: torchrun / deepspeed / srun set RANK, WORLD_SIZE, ... (default); mpi: under mpirun, "
                         "derive them with mpi4py (launch/mpirun.sh)")
+    t.add_argument("--log-level", type=str.upper, choices=logs.LEVELS,
+                   help=f"rank 0's console level (default ${logs.LEVEL_ENV}, else INFO); other ranks show warnings "
+                        "and errors only, each line prefixed with its rank")
+    t.add_argument("--log-ranks", metavar="all|R[,R...]",
+                   help="also write these ranks' logs at the log level to output.dir/logs/rank{R}.log")
     t.set_defaults(func=_train)
     e = sub.add_parser("export", help="write adapter files or merged weights from a checkpoint")
     e.add_argument("--checkpoint", required=True)
@@ -144,11 +154,21 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data come from packages, never from a hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser().parse_args(argv)
-    try:
-        result = args.func(args)
-    except (ConfigError, BadFileError, FileNotFoundError, LaunchError) as e:
+    try:  # before the heavy imports: their import-time warnings meet the filters (logs.py)
+        logs.setup(getattr(args, "log_level", None), getattr(args, "log_ranks", None))
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    name_deepspeed_accelerator()  # transformers imports DeepSpeed whenever it is installed
+    log = logging.getLogger(__name__)
+    try:
+        result = args.func(args)
+    except (ConfigError, BadFileError, FileNotFoundError, LaunchError, StorageError, StepFaultError) as e:
+        log.error("%s", e)
+        return 2
+    except Exception as e:  # a crash: one line naming it (with the rank in a job), then where it happened
+        log.error("%s: %s", type(e).__name__, e, exc_info=True)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=2))
     return 0

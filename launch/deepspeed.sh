@@ -7,12 +7,15 @@
 # Many nodes:  HOSTFILE=hosts launch/deepspeed.sh CONFIG                  (run once, on the first host)
 #              hosts holds one "hostname slots=N" line per node; the launcher reaches the others with
 #              passwordless ssh + pdsh and MASTER_ADDR defaults to the first host.
+# Faults: the DeepSpeed launcher does not restart failed ranks, so this script does: a failed job is launched again
+# up to MAX_RESTARTS times (default 3; 0: fail at once) and resumes from the newest verified checkpoint
+# (train.resume: auto); exit code 2 (a config or file error, "error: ..." on stderr) is not retried.
 set -euo pipefail
 config=${1:?usage: launch/deepspeed.sh CONFIG [--set KEY=VALUE ...]}
 shift
 PY=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
 [ -x "$PY" ] || PY=python
-args=(--master_port "${MASTER_PORT:-29500}")
+args=(--master_port "${MASTER_PORT:-29500}" --log_level warning)  # its own INFO lines off; rank 0 speaks
 if [ -n "${HOSTFILE:-}" ]; then
   if [ ! -f "$HOSTFILE" ]; then
     echo "error: HOSTFILE=$HOSTFILE: no such file (write one 'hostname slots=N' line per node)" >&2
@@ -29,4 +32,10 @@ if [ -n "${HOSTFILE:-}" ]; then
 else
   args+=(--num_gpus "${NPROC:-2}")
 fi
-exec "$PY" -m deepspeed.launcher.runner "${args[@]}" --no_local_rank --module dist_peft.train --config "$config" "$@"
+for ((attempt = 0; ; attempt++)); do
+  rc=0
+  DIST_PEFT_RESTART_COUNT=$attempt "$PY" -m dist_peft.integrations.deepspeed_launch "${args[@]}" --no_local_rank \
+    --module dist_peft.train --config "$config" "$@" || rc=$?
+  if [ "$rc" -eq 0 ] || [ "$rc" -eq 2 ] || [ "$attempt" -ge "${MAX_RESTARTS:-3}" ]; then exit "$rc"; fi
+  echo "launch/deepspeed.sh: the job failed (exit $rc); restart $((attempt + 1)) of ${MAX_RESTARTS:-3}" >&2
+done

@@ -119,6 +119,8 @@ def console(monkeypatch):
     """``logs.setup(level)`` as rank R of a job of W ranks, for one test; everything it set is undone after."""
     root, ours = logging.getLogger(), logging.getLogger("dist_peft")
     saved = root.level, ours.level, warnings.showwarning
+    for handler in logs._state.get("handlers", ()):  # left by an earlier cli.main() in this process
+        root.removeHandler(handler)
     monkeypatch.setattr(logs, "_said", set())
     monkeypatch.setattr(logs, "_state", {})
     for variable in logs.PROGRESS_BARS_OFF:  # restored after the test (setup sets them on ranks other than 0)

@@ -18,8 +18,9 @@ RSS_BOUND_MB = 256
 ints (what packing with lists did) it alone would take ~360 MB, as int64 tensors ~360 MB."""
 
 LOAD = textwrap.dedent("""
-    import json, resource, sys
+    import json, logging, resource, sys
     from pathlib import Path
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")  # the data lines, as a run logs them
     from dist_peft.train.config import DataConfig
     from dist_peft.train.data import build_data
     from dist_peft.train.models import byte_tokenizer

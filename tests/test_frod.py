@@ -5,6 +5,7 @@ training, merge and files."""
 
 import copy
 import dataclasses
+import logging
 import math
 import weakref
 
@@ -423,7 +424,15 @@ def _prepare_tp2_pp2(cache, dp_cache):
     return out
 
 
-def test_hjd_of_tp2_pp2_shards_matches_one_process(tmp_path, capsys):
+def _hjd_log(caplog) -> str:
+    """What the HJD cache logged (at INFO) since the last call."""
+    caplog.set_level(logging.INFO, logger="dist_peft.parallel.hjd_cache")
+    text = caplog.text
+    caplog.clear()
+    return text
+
+
+def test_hjd_of_tp2_pp2_shards_matches_one_process(tmp_path, caplog):
     """4 gloo ranks, TP 2 × PP 2, every way a split meets a side (SPLIT_TYPES): prepare on the local shards gives
     every rank the same bits of the basis, equal to one process's prepare on the whole weights (R, Z, λ and every
     σ⁰ in the cache entries, the latent maps, the pattern), σ⁰ of its own layers, and adapters whose reassembled
@@ -469,9 +478,9 @@ def test_hjd_of_tp2_pp2_shards_matches_one_process(tmp_path, capsys):
             assert all(np.array_equal(value, getattr(kw["basis"], field).numpy())
                        for field, value in result["dp"]["bases"][name].items()), name
     assert sorted(p.name for p in (tmp_path / "dp").iterdir()) == types  # all saved by rank 0
-    capsys.readouterr()
+    _hjd_log(caplog)
     again = FrodAdapter.prepare(sites, dataclasses.replace(cfg, hjd_cache=str(tmp_path / "split")))
-    assert capsys.readouterr().out.count("loaded from") == len(SPLIT_TYPES)
+    assert _hjd_log(caplog).count("loaded from") == len(SPLIT_TYPES)
     for module in SPLIT_TYPES:
         first = again[f"model.layers.0.{module}"]["basis"].first.numpy()
         assert np.array_equal(first, results[0]["bases"][module]["first"])
@@ -539,14 +548,15 @@ def test_outputs_and_gradients_match_hf_peft_frod(tmp_path):
                                    atol=1e-6)
 
 
-def test_matching_cache_is_reused_without_recomputation(tmp_path, capsys):
+def test_matching_cache_is_reused_without_recomputation(tmp_path, caplog):
     """The second build with the same settings loads every module type from the cache (log says so, nothing is
     computed) and gets bit-identical bases."""
+    _hjd_log(caplog)
     first = _tiny_frod(tmp_path)
-    log = capsys.readouterr().out
+    log = _hjd_log(caplog)
     assert log.count("computing") == len(TARGETS) and "loaded" not in log
     second = _tiny_frod(tmp_path)
-    log = capsys.readouterr().out
+    log = _hjd_log(caplog)
     assert log.count("loaded from") == len(TARGETS) and "computing" not in log
     for (_, a), (_, b) in zip(adapted_sites(first).items(), adapted_sites(second).items()):
         assert torch.equal(a.adapter.basis.first, b.adapter.basis.first)
@@ -574,13 +584,14 @@ def test_altered_cache_fails_its_checksum(tmp_path):
         _tiny_frod(tmp_path)
 
 
-def test_default_cache_is_keyed_by_settings(tmp_path, monkeypatch, capsys):
+def test_default_cache_is_keyed_by_settings(tmp_path, monkeypatch, caplog):
     """Without a named folder, entries live under cache_root()/frod named by their key: another π gets its own
     entry (computed once), the first one is found again."""
     monkeypatch.setenv("DIST_PEFT_CACHE", str(tmp_path / "root"))
+    _hjd_log(caplog)
     for pi in (1e-3, 1e-2, 1e-3):
         inject_adapters(build_tiny_llama(TINY), "frod", FrodConfig(regularization_alpha=pi), ["q_proj"])
-    log = capsys.readouterr().out
+    log = _hjd_log(caplog)
     assert log.count("computing") == 2 and log.count("loaded from") == 1
     assert len(list((tmp_path / "root" / "frod").iterdir())) == 2
 
@@ -645,7 +656,7 @@ def test_training_lowers_the_held_out_loss(tmp_path):
     assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"] - 0.2
 
 
-def test_precompute_command_fills_the_cache_for_training(tmp_path, capsys):
+def test_precompute_command_fills_the_cache_for_training(tmp_path, caplog):
     """``dist-peft precompute`` writes every module type's entry; the next build loads them all."""
     from dist_peft import cli
 
@@ -653,9 +664,9 @@ def test_precompute_command_fills_the_cache_for_training(tmp_path, capsys):
     path.write_text(yaml.safe_dump(_run_config(tmp_path)))
     assert cli.main(["precompute", "--config", str(path)]) == 0
     assert sorted(p.name for p in (tmp_path / "hjd").iterdir()) == sorted(TARGETS)
-    capsys.readouterr()
+    _hjd_log(caplog)
     _tiny_frod(tmp_path)
-    assert capsys.readouterr().out.count("loaded from") == len(TARGETS)
+    assert _hjd_log(caplog).count("loaded from") == len(TARGETS)
 
 
 def test_bad_config_values_are_refused():

@@ -225,7 +225,8 @@ def test_tp2_pp2_profile_has_every_rank_and_the_megatron_collective_counts(tmp_p
     micro-batches of 4×32 tokens, h 64): a record for each of the 4 ranks; per step, as tests/test_megatron.py's
     _frozen_calls counts them, TP all-reduces = 2 micro-batches × (2 row-site outputs forward + column-site input
     gradients backward: 1 on the first stage, whose layer-0 qkv input needs none, 2 on the second) + 1 coalesced
-    TP-partial adapter gradient sum, then one loss sum over PP and one gradient norm over TP×PP. Bytes: each
+    TP-partial adapter gradient sum, then one loss sum over PP, the step check over the world (loss, gradient norm²
+    and non-finite flag in float64: 24 B; train/guards.py) and one gradient norm over TP×PP. Bytes: each
     per-token all-reduce moves 4·32·64 fp32 = 32768 B; the partial gradients are the column sites' A (5 × 4×64)
     and the row sites' B (2 × 64×4) = 1792 fp32; the scalars 8 B. The meter's counts equal TRACE's; busbw uses
     each group's own size (tp 2, pp 2, tp×pp 4)."""
@@ -242,10 +243,11 @@ def test_tp2_pp2_profile_has_every_rank_and_the_megatron_collective_counts(tmp_p
         assert tp["all_reduce", "tp"]["bytes_per_step"] == per_token * 32768 + 1792 * 4
         assert tp["all_reduce", "pp"]["calls_per_step"] == tp["all_reduce", "tp×pp"]["calls_per_step"] == 1
         assert tp["all_reduce", "pp"]["bytes_per_step"] == tp["all_reduce", "tp×pp"]["bytes_per_step"] == 8
+        assert tp["all_reduce", "world"]["calls_per_step"] == 1 and tp["all_reduce", "world"]["bytes_per_step"] == 24
         assert {k: c["group_size"] for k, c in tp.items()} == {("all_reduce", "tp"): 2, ("all_reduce", "pp"): 2,
-                                                              ("all_reduce", "tp×pp"): 4}
+                                                              ("all_reduce", "tp×pp"): 4, ("all_reduce", "world"): 4}
         traced = run["collective_counts_per_step"][str(rank)]
-        assert traced["calls"] == {"all_reduce": per_token + 3}
+        assert traced["calls"] == {"all_reduce": per_token + 4}
         assert traced["bytes"]["all_reduce"] == sum(c["bytes_per_step"] for c in tp.values())
         _assert_busbw_uses_the_group_size(run["collectives"][str(rank)])
         assert sum(run["rank_steps"][str(rank)][0]["phases"].values()) == \
@@ -255,7 +257,8 @@ def test_tp2_pp2_profile_has_every_rank_and_the_megatron_collective_counts(tmp_p
 def test_zero2_profile_observes_deepspeeds_own_collectives(tmp_path):
     """2-rank ZeRO-2 (configs/tiny-lora-zero2.yaml): a record for both ranks; dist_peft's traced collectives per
     step are plain data parallelism's three (tests/test_multiprocess.py) less the gradient reduction, which
-    DeepSpeed does: the target count (int64) and the logged loss (fp32), 12 B. DeepSpeed's own, observed at its
+    DeepSpeed does: the target and token counts (2 fp32) and the step check (loss, gradient norm² and non-finite
+    flag in float64, train/guards.py), 8 + 24 = 32 B. DeepSpeed's own, observed at its
     comm backend: the gradients reduced over the ZeRO group (4 B × the 8192 adapter elements, plus its fp32
     gradient norm) and the updated partitions all-gathered (4 B × 8192); busbw with the group's size 2."""
     run_dist(_profile_config, 2, config="configs/tiny-lora-zero2.yaml", out=str(tmp_path))
@@ -264,9 +267,9 @@ def test_zero2_profile_observes_deepspeeds_own_collectives(tmp_path):
     assert set(run["rank_steps"]) == set(run["memory"]) == {"0", "1"}
     assert run["layout"]["zero_stage"] == 2 and run["trainable"] == 8192
     for rank in range(2):
-        assert run["collective_counts_per_step"][str(rank)] == {"calls": {"all_reduce": 2}, "bytes": {"all_reduce": 12}}
+        assert run["collective_counts_per_step"][str(rank)] == {"calls": {"all_reduce": 2}, "bytes": {"all_reduce": 32}}
         ours, ds = _rows(doc, rank, "dist_peft"), _rows(doc, rank, "deepspeed")
-        assert ours["all_reduce", "world"]["bytes_per_step"] == 12
+        assert ours["all_reduce", "world"]["bytes_per_step"] == 32
         assert ds["all_gather", "dp (ZeRO)"]["bytes_per_step"] == 4 * 8192
         reduced = sum(c["bytes_per_step"] for (op, _), c in ds.items() if op in ("all_reduce", "reduce_scatter"))
         assert reduced == 4 * 8192 + 4

@@ -152,7 +152,7 @@ def test_cli_train_resume_and_export(tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--set", "train.steps=2", "--set", "train.progress=false"]) == 0
     assert main(["train", "--config", str(cfg), "--resume", "--set", "train.steps=3",
                  "--set", "train.progress=false"]) == 0
-    assert "resumed from" in capsys.readouterr().out
+    assert "resumed from" in capsys.readouterr().err  # the run's messages are logged (logs.py: stderr)
     last = ckpt.latest_checkpoint(tmp_path / "run")
     assert last.name == "step_0000003"
     assert main(["export", "--checkpoint", str(last), "--out", str(tmp_path / "merged"), "--merged"]) == 0

@@ -360,9 +360,8 @@ class ZeroEngine:
         return StepContext(step, lr, self.optimizer, total_steps=total_steps, optim_state=self.optim_state,
                            gathered=gathered)
 
-    def optimizer_step(self, controller: Controller, ctx: Any) -> Tensor | float:
-        """controller.before_optimizer_step → DeepSpeed's step (clip, AdamW, zero grads) → after; returns the
-        global gradient norm before clipping (as DeepSpeed keeps it: not read on the host here)."""
+    def optimizer_step(self, controller: Controller, ctx: Any) -> None:
+        """controller.before_optimizer_step → DeepSpeed's step (clip, AdamW, zero grads) → after."""
         with self.timer.phase("hooks_before_step"):
             self._run_hook(controller, "before_optimizer_step", ctx)
         self._skip = self._skipped_groups()
@@ -370,8 +369,24 @@ class ZeroEngine:
         self._with_grad.clear()
         with self.timer.phase("hooks_after_step"):
             self._run_hook(controller, "after_optimizer_step", ctx)
-        norm = self.engine.get_global_grad_norm()
-        return norm if norm is not None else float("nan")
+
+    def grad_sq(self) -> Tensor:
+        """Σ g² over this rank's part of every reduced gradient (its ZeRO fragments or partitions), float64 on the
+        device, no collective: summed over the data ranks it is the global norm² (the loop's step check)."""
+        parts = [_z3_grad_part(p) if self.zero3 else _z12_grad_fragment(p) for p in self.params.values()
+                 if self.zero3 or p._hp_mapping is not None]
+        sq = [g.double().pow(2).sum() for g in parts if g is not None]
+        return torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64, device=self.engine.device)
+
+    def skip_step(self) -> None:
+        """A step whose loss or gradients are not finite (``train/guards.py``): DeepSpeed's step still runs for its
+        bookkeeping (micro-step count, gradient buffers zeroed), with every flat partition hidden from the inner
+        optimizer (the hook pair below, torch's own skip), so no master weight, Adam moment or step count changes
+        and the re-gathered parameters are the old ones, whether or not DeepSpeed's own check of the global norm
+        (0.19: an invalid norm skips its step, logging OVERFLOW) fires too. No controller hook runs."""
+        self._skip = {id(flat) for _, flat in self.optim_state.groups}
+        self.engine.step()
+        self._with_grad.clear()
 
     def _run_hook(self, controller: Controller, name: str, ctx: Any) -> None:
         if getattr(type(controller), name) is getattr(Controller, name):

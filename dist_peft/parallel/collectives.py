@@ -12,7 +12,9 @@ CUDA device (``_on_backend``; written for GPU clusters, not run on one yet).
 from __future__ import annotations
 
 import contextlib
-import pickle
+import json
+import struct
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -32,11 +34,15 @@ class CollectiveTrace:
     observer: Callable[[str, int, Any], contextlib.AbstractContextManager] | None = None
     """Set by the profiler (``dist_peft.profile.comm``): called with (op, bytes, group) around each collective
     to time it per operation and group; None (the default) costs nothing."""
+    last: tuple[str, int, Any, float] | None = None
+    """(op, bytes, group, ``time.monotonic()`` at entry) of the latest collective entered: the step watchdog's
+    hang report names it (``train/guards.py``). Always kept: one tuple per call."""
 
     def record(self, op: str, nbytes: int, group: Any = None) -> contextlib.AbstractContextManager:
         """Count one call of ``op`` moving ``nbytes``; the returned context brackets the communication."""
         self.calls[op] += 1
         self.bytes[op] += nbytes
+        self.last = (op, nbytes, group, time.monotonic())
         return _UNOBSERVED if self.observer is None else self.observer(op, nbytes, group)
 
     def reset(self) -> dict[str, dict[str, int]]:
@@ -79,6 +85,17 @@ def all_reduce(t: Tensor, group: Any = None, op: str = "sum") -> Tensor:
     if op == "avg":
         t.div_(size)
     return t
+
+
+def failed_rank(error: BaseException | None, group: Any = None) -> tuple[int, int] | None:
+    """(group rank, errno or 0) of a rank of ``group`` whose ``error`` is not None, the same on every rank, or None
+    when no rank failed: one all-reduce (max) of one integer, (rank + 1) · 1024 + errno. Used in place of a barrier
+    after work one rank may fail alone (a checkpoint write), so every rank ends at once instead of waiting out the
+    group timeout in its next collective. The highest failed rank is named when several fail."""
+    code = 0 if error is None else (group_rank(group) + 1) * 1024 + min(getattr(error, "errno", None) or 0, 1023)
+    flag = all_reduce(torch.tensor([code], dtype=torch.int64), group, op="max")
+    code = int(flag.item())
+    return None if code == 0 else (code // 1024 - 1, code % 1024)
 
 
 def all_reduce_coalesced(tensors: Sequence[Tensor], group: Any = None, op: str = "sum") -> None:
@@ -133,12 +150,62 @@ def reduce_scatter(t: Tensor, group: Any = None) -> Tensor:
 
 
 def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
-    """Every rank's picklable ``obj`` in group rank order (small metadata: names, digests). Bytes are counted as
-    the pickled size times the group size."""
+    """Every rank's ``obj`` in group rank order (small metadata: names, digests, records; CPU tensors too). Sent as
+    JSON plus a safetensors blob (``_encode``), never pickled: one all-gather of the sizes, one of the bytes, as
+    ``torch.distributed.all_gather_object`` does. Bytes are counted as the encoded size times the group size."""
     size = group_size(group)
     if size == 1:
         return [obj]
-    out: list[Any] = [None] * size
-    with TRACE.record("all_gather_object", len(pickle.dumps(obj)) * size, group):
-        dist.all_gather_object(out, obj, group=group)
-    return out
+    data = torch.frombuffer(bytearray(_encode(obj)), dtype=torch.uint8)
+    with TRACE.record("all_gather_object", data.numel() * size, group):
+        sizes = [_on_backend(torch.zeros(1, dtype=torch.int64), group) for _ in range(size)]
+        dist.all_gather(sizes, _on_backend(torch.tensor([data.numel()]), group), group=group)
+        longest = int(max(int(n.item()) for n in sizes))
+        padded = _on_backend(torch.nn.functional.pad(data, (0, longest - data.numel())), group)
+        parts = [torch.empty_like(padded) for _ in range(size)]
+        dist.all_gather(parts, padded, group=group)
+    return [_decode(part[: int(n.item())].cpu().numpy().tobytes()) for part, n in zip(parts, sizes)]
+
+
+def _encode(obj: Any) -> bytes:
+    """None, bool, int, float, str, list, tuple, dict (any of these as keys) and CPU tensors, as an 8-byte header
+    length, a JSON tree (lists, tuples, dicts and tensors tagged by a one-key object) and a safetensors blob."""
+    from safetensors.torch import save
+
+    tensors: dict[str, Tensor] = {}
+
+    def tree(x: Any) -> Any:
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, (list, tuple)):
+            return {"t" if isinstance(x, tuple) else "l": [tree(v) for v in x]}
+        if isinstance(x, dict):
+            return {"d": [[tree(k), tree(v)] for k, v in x.items()]}
+        if isinstance(x, Tensor):
+            tensors[str(len(tensors))] = x.detach().cpu().contiguous()
+            return {"x": str(len(tensors) - 1)}
+        if hasattr(x, "item") and hasattr(x, "dtype"):  # a numpy scalar
+            return x.item()
+        raise TypeError(f"all_gather_object: cannot send a {type(x).__name__} (no pickle; send plain values)")
+
+    head = json.dumps(tree(obj)).encode()
+    return struct.pack("<Q", len(head)) + head + (save(tensors) if tensors else b"")
+
+
+def _decode(data: bytes) -> Any:
+    from safetensors.torch import load
+
+    (n,) = struct.unpack("<Q", data[:8])
+    tensors = load(data[8 + n:]) if len(data) > 8 + n else {}
+
+    def value(x: Any) -> Any:
+        if not isinstance(x, dict):
+            return x
+        (tag, v), = x.items()
+        if tag == "x":
+            return tensors[v]
+        if tag == "d":
+            return {value(k): value(w) for k, w in v}
+        return (tuple if tag == "t" else list)(value(w) for w in v)
+
+    return value(json.loads(data[8: 8 + n]))

@@ -54,6 +54,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ from dist_peft.files import BadFileError, atomic_dir, cache_root, load_tensors, 
 from dist_peft.ops import hjd
 from dist_peft.parallel import collectives
 from dist_peft.parallel.shard import ShardSpec
+
+_log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 """2: the fingerprint is built from row digests (layout-independent); 1 hashed the bytes as one stream."""
@@ -300,6 +303,8 @@ def load_hjd(folder: Path, key: Mapping[str, Any]) -> list[Tensor]:
     ``key``."""
     verify_dir(folder)
     found = read_json(folder / KEY)
+    if not isinstance(found, dict):
+        raise BadFileError(f"{folder / KEY}: expected a JSON object")
     diffs = [f"{k} {_short(found.get(k))} in the cache, {_short(v)} in this run" for k, v in key.items()
              if found.get(k) != v]
     if diffs:
@@ -307,8 +312,9 @@ def load_hjd(folder: Path, key: Mapping[str, Any]) -> list[Tensor]:
                            "delete the folder or point method.hjd_cache elsewhere")
     t = load_tensors(folder / WEIGHTS)
     for name, shape in _entry_shapes(key).items():
-        if name not in t or tuple(t[name].shape) != shape or not torch.isfinite(t[name]).all():
-            raise BadFileError(f"{folder / WEIGHTS}: {name} is missing, not finite, or not of shape {shape}")
+        if name not in t or tuple(t[name].shape) != shape or not t[name].is_floating_point() \
+                or not torch.isfinite(t[name]).all():
+            raise BadFileError(f"{folder / WEIGHTS}: {name} is missing, not finite floats, or not of shape {shape}")
     return [t[name] for name in ENTRY]
 
 
@@ -329,8 +335,8 @@ def _load_entries(keys: Mapping[str, Mapping[str, Any]], folders: Mapping[str, P
                 collectives.broadcast(status)
                 raise
             status[i] = 1
-            print(f"HJD {module_type}: loaded from {folders[module_type]} (checksum and key verified; not "
-                  "recomputed)", flush=True)
+            _log.info(f"HJD {module_type}: loaded from {folders[module_type]} (checksum and key verified; not "
+                      "recomputed)")
     codes = collectives.broadcast(status).tolist()
     if 2 in codes:
         bad = types[codes.index(2)]
@@ -388,8 +394,8 @@ def _compute_missing(missing: Sequence[str], rows: Mapping[str, tuple[LatentRows
         for module_type in missing:
             key = keys[module_type]
             if rank0:
-                print(f"HJD {module_type}: no cache entry at {folders[module_type]}; computing from "
-                      f"{len(key['layers'])} layers (rank {owner[module_type]})", flush=True)
+                _log.info(f"HJD {module_type}: no cache entry at {folders[module_type]}; computing from "
+                          f"{len(key['layers'])} layers (rank {owner[module_type]})")
             if owner[module_type] != leaders[replica]:
                 continue
             weights, shard_group = rows[module_type]
@@ -415,8 +421,7 @@ def _compute_missing(missing: Sequence[str], rows: Mapping[str, tuple[LatentRows
         if rank0:
             info = infos[module_type]
             save_hjd(folders[module_type], keys[module_type], [t.cpu() for t in done[module_type]], info)
-            print(f"HJD {module_type}: {info['route']} route, {info['seconds']} s; saved to {folders[module_type]}",
-                  flush=True)
+            _log.info(f"HJD {module_type}: {info['route']} route, {info['seconds']} s; saved to {folders[module_type]}")
     return done
 
 

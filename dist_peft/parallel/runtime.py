@@ -202,3 +202,11 @@ def default_group_timeout(timeout_s: float) -> Iterator[None]:
         yield
     finally:
         c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = saved
+
+
+def shutdown() -> None:
+    """Destroy every process group (the default one and megatron's or DeepSpeed's subgroups) once a run is done, as
+    torch asks: groups left to the interpreter's teardown can abort a rank after a successful run ("terminate
+    called without an active exception" from a gloo thread). Local, no collective."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -35,14 +36,18 @@ import yaml
 from torch import Tensor
 
 from dist_peft.files import BadFileError, atomic_dir, read_json
-from dist_peft.train.config import DataConfig, SourceConfig
+from dist_peft.train.config import ConfigError, DataConfig, SourceConfig
 from dist_peft.train.models import _package_dir, cache_root
 
+_log = logging.getLogger(__name__)
+
 IGNORE = -100
-CACHE_VERSION = 1
-"""Bumped whenever tokenization, splitting or packing changes what a cache folder holds."""
+CACHE_VERSION = 2
+"""Bumped whenever tokenization, splitting or packing changes what a cache folder holds (2: unusable rows skipped)."""
 BATCH_ROWS = 1024
 """Rows tokenized, and blocks written, per batch: the only part of the data held in Python objects at once."""
+MAX_FIELD_CHARS = 1 << 24
+"""A row whose text field is longer (16 Mi characters) is skipped and counted, before it reaches the tokenizer."""
 
 
 def _chatterbot() -> list[dict[str, Any]]:
@@ -127,8 +132,33 @@ def _tokenize_instruction(batch: dict, tokenizer, cfg: SourceConfig) -> dict:
     return out
 
 
+def _fields(cfg: SourceConfig) -> dict[str, str]:
+    """The config key naming each column the format reads (``text_field`` → its column name)."""
+    keys = {"causal_lm": ("text_field",), "instruction": ("prompt_field", "response_field"),
+            "classification": ("text_field", "label_field")}[cfg.format]
+    return {key: getattr(cfg, key) for key in keys}
+
+
+def _usable_rows(batch: dict, cfg: SourceConfig) -> dict:
+    """The batch without the rows the format cannot use (counted as skipped by the caller, never an error): a text
+    field that is missing, empty, not a string or over MAX_FIELD_CHARS; a label that is not an integer >= 0."""
+    columns = _fields(cfg).values()
+    keep = [i for i in range(len(batch[next(iter(columns))]))
+            if all(isinstance(batch[c][i], str) and 0 < len(batch[c][i].strip()) and len(batch[c][i]) <= MAX_FIELD_CHARS
+                   for c in columns if c != cfg.label_field or cfg.format != "classification")
+            and (cfg.format != "classification" or _label_ok(batch[cfg.label_field][i]))]
+    return {c: [batch[c][i] for i in keep] for c in columns}
+
+
+def _label_ok(label: Any) -> bool:
+    return isinstance(label, (int, float)) and not isinstance(label, bool) and float(label).is_integer() and label >= 0
+
+
 def _tokenize_batch(batch: dict, tokenizer, cfg: SourceConfig) -> dict:
     """Token ids (and labels) of one batch of rows in ``cfg.format``."""
+    batch = _usable_rows(batch, cfg)
+    if not next(iter(batch.values())):  # every row skipped (the tokenizer fails on no texts)
+        return {"input_ids": []} if cfg.format == "causal_lm" else {"input_ids": [], "labels": []}
     if cfg.format == "instruction":
         return _tokenize_instruction(batch, tokenizer, cfg)
     if cfg.format == "classification":
@@ -197,6 +227,11 @@ def _write_splits(cfg: SourceConfig, tokenizer, folder: Path, cache_dir: Path | 
     whole documents until their tokens cover eval_examples blocks; the rest is the training split (packed for
     causal_lm). Returns the counts written, and rows dropped as unusable."""
     rows = read_rows(cfg, cache_dir).shuffle(seed=cfg.seed)
+    missing = {key: column for key, column in _fields(cfg).items() if column not in rows.column_names}
+    if missing:
+        key, column = next(iter(missing.items()))
+        raise ConfigError(f"data.{key}: no column {column!r} in {cfg.path or cfg.source} (its columns: "
+                          f"{', '.join(rows.column_names) or 'none'})")
     features = _features(cfg)
     sinks = {name: _ArrowSink(folder / f"{name}.arrow", features) for name in ("eval", "train")}
     packers = {name: _Packer(sink, cfg.seq_len) for name, sink in sinks.items()}
@@ -263,24 +298,31 @@ def _cached_splits(folder: Path) -> dict | None:
     return None
 
 
-def ensure_cache(cfg: SourceConfig, tokenizer, cache_dir: Path, echo: Callable[[str], None] = print) -> Path:
+def ensure_cache(cfg: SourceConfig, tokenizer, cache_dir: Path, echo: Callable[[str], None] = _log.info) -> Path:
     """The folder holding the source's tokenized train/eval splits, written once (atomically) if missing."""
     folder = cache_dir / cache_key(cfg, tokenizer)
     if _cached_splits(folder) is not None:
         echo(f"data: reusing the tokenized {cfg.source or cfg.path} cache {folder}")
         return folder
-    with atomic_dir(folder) as tmp:
-        counts = _write_splits(cfg, tokenizer, tmp, cache_dir)
-        sizes = {f: (tmp / f).stat().st_size for f in ("train.arrow", "eval.arrow")}
-        (tmp / "meta.json").write_text(json.dumps({**counts, "sizes": sizes}, indent=2) + "\n")
-    skipped = f", {counts['dropped']} rows skipped (answer truncated away)" if counts["dropped"] else ""
+    try:
+        with atomic_dir(folder) as tmp:
+            counts = _write_splits(cfg, tokenizer, tmp, cache_dir)
+            sizes = {f: (tmp / f).stat().st_size for f in ("train.arrow", "eval.arrow")}
+            (tmp / "meta.json").write_text(json.dumps({**counts, "sizes": sizes}, indent=2) + "\n")
+    except (ConfigError, BadFileError):
+        raise
+    except (ValueError, pa.ArrowException, datasets.exceptions.DatasetGenerationError) as e:  # UnicodeDecodeError too
+        raise BadFileError(f"data: {cfg.path or cfg.source} is not readable {cfg.format} data "
+                           f"({type(e).__name__}: {str(e)[:300]})") from None
+    skipped = f", {counts['dropped']} rows skipped (empty, non-text or over-long fields, labels that are not " \
+              f"integers >= 0, or answers truncated away)" if counts["dropped"] else ""
     echo(f"data: tokenized {cfg.source or cfg.path} into {folder} ({counts['train']} training and "
          f"{counts['eval']} held-out examples{skipped})")
     return folder
 
 
 def build_datasets(cfg: SourceConfig, tokenizer, vocab_size: int, cache_dir: Path | None = None,
-                   echo: Callable[[str], None] = print) -> tuple[datasets.Dataset, datasets.Dataset]:
+                   echo: Callable[[str], None] = _log.info) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, eval), memory-mapped from the tokenized cache (``cache_dir``, default ``$DIST_PEFT_CACHE/data``);
     the eval part is drawn first from the seeded shuffle, so it never overlaps training. Synthetic data is
     generated in memory (no cache)."""
@@ -294,12 +336,13 @@ def build_datasets(cfg: SourceConfig, tokenizer, vocab_size: int, cache_dir: Pat
     if cfg.max_examples is not None:
         train = train.select(range(min(cfg.max_examples, len(train))))
     if len(train) == 0:
-        raise ValueError(f"data: no training examples left after the split (source {cfg.source})")
+        raise ConfigError(f"data: no training examples left after the split and the skipped rows (source "
+                          f"{cfg.source or cfg.path}); lower data.eval_examples or check the data")
     return train, evl
 
 
 def build_data(cfg: DataConfig, tokenizer, vocab_size: int, cache_dir: Path | None = None,
-               echo: Callable[[str], None] = print) -> tuple[datasets.Dataset, dict[str, datasets.Dataset],
+               echo: Callable[[str], None] = _log.info) -> tuple[datasets.Dataset, dict[str, datasets.Dataset],
                                                              BatchOrder]:
     """(train, held-out sets by task name, order). One task: ``{"": eval}`` and a ``BatchOrder``. Several: rows
     tagged with ``task_id``, training sets concatenated in task order and mixed by a ``MixedOrder``.
@@ -309,8 +352,8 @@ def build_data(cfg: DataConfig, tokenizer, vocab_size: int, cache_dir: Path | No
     sources = cfg.tasks or (cfg,)
     cache_dir = cache_dir or cache_root() / "data"
     if dist.is_initialized() and dist.get_world_size() > 1:
-        error = None
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        error, builder = None, int(os.environ.get("LOCAL_RANK", "0")) == 0
+        if builder:
             try:
                 for source in sources:
                     if source.source != "synthetic":
@@ -325,6 +368,8 @@ def build_data(cfg: DataConfig, tokenizer, vocab_size: int, cache_dir: Path | No
             raise error
         if failed.item():
             raise ValueError("data: tokenizing the data failed on another node's local rank 0 (its error names why)")
+        if builder:  # it said where the cache is; "reusing" would repeat it
+            echo = lambda _m: None  # noqa: E731
     if not cfg.tasks:
         train, evl = build_datasets(cfg, tokenizer, vocab_size, cache_dir, echo)
         return train, {"": evl}, BatchOrder(len(train), cfg.seed)
