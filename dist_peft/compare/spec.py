@@ -23,9 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from dist_peft.train.config import ConfigError, RunConfig, from_dict
+from dist_peft.train.config import ConfigError, RunConfig, from_dict, read_yaml, set_dotted
 
 RULES = ("steps", "trainable_params", "wall_time")
 
@@ -60,15 +58,6 @@ class CompareSpec:
         return self.out / "runs" / label / f"seed{seed}"
 
 
-def _set(d: dict, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    for p in parents:
-        d = d.setdefault(p, {})
-        if not isinstance(d, dict):
-            raise ConfigError(f"set: {dotted}: {p} is not a section")
-    d[last] = value
-
-
 def _mapping(value: Any, key: str) -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
@@ -78,25 +67,17 @@ def _mapping(value: Any, key: str) -> dict:
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> CompareSpec:
     """Read and check a compare file; ``overrides`` (``--set``) apply to every entry's run config."""
     path = Path(path)
-    try:
-        raw = _mapping(yaml.safe_load(path.read_text()), "compare")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: compare file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    raw = _mapping(read_yaml(path), "compare")
     unknown = set(raw) - {"base", "set", "entries", "budget", "seeds", "profile", "output"}
     if unknown:
         raise ConfigError(f"compare: unknown key(s) {', '.join(sorted(unknown))}")
     base = raw.get("base")
     if isinstance(base, str):
-        base_path = (path.parent / base) if not Path(base).is_absolute() and (path.parent / base).is_file() else Path(base)
-        try:
-            base = yaml.safe_load(base_path.read_text())
-        except (FileNotFoundError, yaml.YAMLError) as e:
-            raise ConfigError(f"base: cannot read {base}: {e}") from None
+        beside = path.parent / base
+        base = read_yaml(beside if not Path(base).is_absolute() and beside.is_file() else base)
     base = copy.deepcopy(_mapping(base, "base"))
     for dotted, value in {**_mapping(raw.get("set", {}), "set"), **(overrides or {})}.items():
-        _set(base, dotted, value)
+        set_dotted(base, dotted, value, "set")
     entries_raw = raw.get("entries")
     if not isinstance(entries_raw, list) or not entries_raw:
         raise ConfigError("entries: expected a non-empty list of {label, method, set}")
@@ -111,7 +92,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Comp
         method.setdefault("target_modules", base.get("method", {}).get("target_modules"))
         d["method"] = method
         for dotted, value in _mapping(e.get("set", {}), f"entries[{i}].set").items():
-            _set(d, dotted, value)
+            set_dotted(d, dotted, value, f"entries[{i}].set")
         try:
             entries.append(Entry(label, from_dict(d)))
         except ConfigError as err:

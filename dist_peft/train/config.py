@@ -531,23 +531,34 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML run config; ``overrides`` maps dotted keys (``train.steps``) to values. A file from elsewhere
-    gives a RunConfig or one ConfigError: size bounded before reading, UTF-8, plain YAML (no aliases, no tags)."""
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file from elsewhere, or one ConfigError: size bounded before reading, UTF-8, plain YAML (no aliases,
+    no tags)."""
     try:
         if Path(path).stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a run config")
-        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_NoAliasLoader)
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a config")
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_NoAliasLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
+
+
+def set_dotted(raw: Any, dotted: str, value: Any, what: str = "--set") -> None:
+    """``raw[a][b] = value`` for ``dotted`` = ``a.b``, creating missing sections; ConfigError when a parent is not
+    a mapping."""
+    node = raw
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {}) if isinstance(node, dict) else None
+    if not isinstance(node, dict):
+        raise ConfigError(f"{what} {dotted}: {'.'.join(parents) or 'the config'} is not a mapping")
+    node[last] = value
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config (``read_yaml``); ``overrides`` maps dotted keys (``train.steps``) to values."""
+    raw = read_yaml(path)
     for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {}) if isinstance(node, dict) else None
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {'.'.join(parents) or 'the config'} is not a mapping")
-        node[last] = value
+        set_dotted(raw, dotted, value)
     return from_dict(raw)

@@ -36,6 +36,7 @@ import yaml
 from torch import Tensor
 
 from dist_peft.files import BadFileError, atomic_dir, read_json
+from dist_peft.parallel import collectives
 from dist_peft.train.config import ConfigError, DataConfig, SourceConfig
 from dist_peft.train.models import _package_dir, cache_root
 
@@ -361,13 +362,12 @@ def build_data(cfg: DataConfig, tokenizer, vocab_size: int, cache_dir: Path | No
             except Exception as e:  # noqa: BLE001 — re-raised below, after every rank has heard of it
                 error = e
         # In place of a barrier: every rank learns whether a builder failed, so none waits out the group timeout.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        failed = torch.tensor([float(error is not None)], device=device)
-        dist.all_reduce(failed)
+        failed = collectives.failed_rank(error)
         if error is not None:
             raise error
-        if failed.item():
-            raise ValueError("data: tokenizing the data failed on another node's local rank 0 (its error names why)")
+        if failed is not None:
+            raise ValueError(f"data: tokenizing the data failed on another node's local rank 0 (rank {failed[0]}; "
+                             f"its error names why)")
         if builder:  # it said where the cache is; "reusing" would repeat it
             echo = lambda _m: None  # noqa: E731
     if not cfg.tasks:
