@@ -74,6 +74,10 @@ def test_budget_matching_and_an_unmeetable_budget(tmp_path):
         load_spec(_write(tmp_path, entries=[{"label": "lora", "method": {"name": "lora", "r": 64}},
                                             {"label": "frod", "method": {"name": "frod"}}]))
     assert main(["compare", "--config", str(_write(tmp_path, seeds=[]))]) == 2
+    for bad in ({"budget": {"rule": "trainable_params", "tolerance": "5%"}}, {"budget": {"rules": "steps"}},
+                {"entries": [{"label": "lora", "methods": {"name": "lora"}}]}):
+        with pytest.raises(ConfigError):
+            load_spec(_write(tmp_path, **bad))
 
 
 def test_a_difference_within_seed_noise_is_not_a_win():

@@ -84,6 +84,8 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Comp
     entries = []
     for i, e in enumerate(entries_raw):
         e = _mapping(e, f"entries[{i}]")
+        if set(e) - {"label", "method", "set"}:
+            raise ConfigError(f"entries[{i}]: unknown key(s) {', '.join(sorted(set(e) - {'label', 'method', 'set'}))}")
         label = e.get("label") or _mapping(e.get("method", {}), f"entries[{i}].method").get("name")
         if not isinstance(label, str) or not label or "/" in label or label.startswith("."):
             raise ConfigError(f"entries[{i}].label: a plain name is required, got {label!r}")
@@ -101,6 +103,12 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Comp
     if len(set(labels)) != len(labels):
         raise ConfigError(f"entries: labels must be unique, got {labels}")
     budget = _mapping(raw.get("budget", {"rule": "steps"}), "budget")
+    unknown = set(budget) - {"rule", "reference", "tolerance", "seconds"}
+    if unknown:
+        raise ConfigError(f"budget: unknown key(s) {', '.join(sorted(unknown))}")
+    tolerance = budget.get("tolerance", 0.05)
+    if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+        raise ConfigError(f"budget.tolerance: a fraction in (0, 1), got {tolerance!r}")
     rule = budget.get("rule", "steps")
     if rule not in RULES:
         raise ConfigError(f"budget.rule: one of {', '.join(RULES)}, got {rule!r}")
@@ -127,7 +135,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Comp
     if not isinstance(out, str) or not out:
         raise ConfigError("output.dir: required (the compare's folder)")
     if rule == "trainable_params":
-        entries = match_trainable(entries, reference, float(budget.get("tolerance", 0.05)))
+        entries = match_trainable(entries, reference, float(tolerance))
     return CompareSpec(tuple(entries), tuple(seeds), rule, reference, seconds, steps, warmup, Path(out))
 
 
