@@ -62,8 +62,9 @@ def test_collectives_and_data_parallel_training_match_single_process(tmp_path):
         assert (r0["params"][name] == r1["params"][name]).all(), "replicas must stay identical"
         torch.testing.assert_close(torch.from_numpy(r0["params"][name]), value.detach(), rtol=1e-4, atol=1e-6)
     # per step: one count reduction, one coalesced gradient reduction, the step check (train/guards.py); two eval
-    # reductions; the final checkpoint's and the adapter files' write checks (checkpoint.written_together)
-    assert r0["run_trace"]["calls"]["all_reduce"] == 3 * 3 + 2 + 2
+    # reductions; the final checkpoint's and the adapter files' write checks (checkpoint.written_together); the data
+    # builder's failure check (collectives.failed_rank, traced since it replaced an untraced dist.all_reduce)
+    assert r0["run_trace"]["calls"]["all_reduce"] == 3 * 3 + 2 + 2 + 1
     assert r0["timeouts"] == [1234.0, 1800.0], "groups made inside default_group_timeout take its timeout"
     # the final checkpoint gathered both ranks' generators (one all-gather each: CPU here, + CUDA on GPUs)
     assert r0["run_trace"]["calls"]["all_gather"] == 1
