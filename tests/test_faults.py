@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,11 +30,43 @@ from test_launchers import CONFIG, PLAIN, REPO, SETS, TIMEOUT_S, _env, _free_por
 STEPS = ["--set", "train.steps=6", "--set", "train.save_every=2"]
 
 
-def _torchrun(config: Path, run_dir: Path, fault: str | None = None, restarts: int = 2, **env: str):
+def _torchrun(config: Path, run_dir: Path, fault: str | None = None, restarts: int = 2, *extra: str, **env: str):
     """(command, env) of launch/torchrun.sh (2 ranks unless NPROC says otherwise) for 6 steps of ``config``."""
     env = {"NPROC": "2", **env, "MAX_RESTARTS": str(restarts), **({"DIST_PEFT_FAULT": fault} if fault else {})}
-    return (["bash", "launch/torchrun.sh", str(config), *SETS, *STEPS, "--set", f"output.dir={run_dir}"],
+    return (["bash", "launch/torchrun.sh", str(config), *SETS, *STEPS, "--set", f"output.dir={run_dir}", *extra],
             _env(**env))
+
+
+def _deepspeed(config: Path, run_dir: Path, fault: str, restarts: int, *extra: str):
+    """(command, env) of launch/deepspeed.sh (its restart loop) for 2 ranks and 6 steps of ``config``."""
+    return (["bash", "launch/deepspeed.sh", str(config), *SETS, *STEPS, "--set", f"output.dir={run_dir}", *extra],
+            _env(NPROC="2", MASTER_PORT=str(_free_port()), MAX_RESTARTS=str(restarts), DIST_PEFT_FAULT=fault))
+
+
+HANG_TIMEOUT_S = 10.0
+"""train.step_timeout_s of the launches with a hang: past a tiny step's time under a loaded 2-core machine."""
+KILL_THEN_HANG = "kill:step:3:1,hang:step:4:0:1"
+"""Attempt 0: rank 1 SIGKILLed as step 4 begins (resume from step 2); attempt 1: rank 0 asleep inside step 5's
+first collective, right after step 4's checkpoint (resume from step 4)."""
+
+
+def _assert_hang_ended_the_attempt(run_dir: Path, out: str) -> None:
+    """Rank 0 fell asleep inside a collective of step 5 (the hook's line); a watchdog (rank 0's, or its peer's,
+    waiting in the same collective: their deadlines are a few ms apart) ended the attempt within step_timeout_s +
+    a margin of it, with a report naming the step and the collective; the next attempt resumed from step 4."""
+    asleep = re.search(r"DIST_PEFT_FAULT: rank 0 asleep inside \w+ after step 4 at ([0-9.]+)", out)
+    assert asleep, out[-3000:]
+    reports = sorted(run_dir.glob("hang-rank*.txt"))
+    assert reports and {p.name for p in reports} <= {"hang-rank0.txt", "hang-rank1.txt"}, out[-3000:]
+    for report in reports:
+        head = report.read_text().splitlines()
+        ran = re.fullmatch(rf"rank {report.stem[9:]}: step 4 has run ([0-9.]+) s, past train.step_timeout_s = .*",
+                           head[0])
+        assert ran and HANG_TIMEOUT_S <= float(ran[1]) < HANG_TIMEOUT_S + 2.0, head[0]
+        assert head[1].startswith("last collective entered: "), head[1]
+        assert report.stat().st_mtime - float(asleep[1]) < HANG_TIMEOUT_S + 5.0, report.name
+    assert f"hung in step 4 (over train.step_timeout_s = {HANG_TIMEOUT_S:g} s)" in out, out[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_0000004'} at step 4" in out, out[-3000:]
 
 
 def _train_records(run_dir: Path) -> list[int]:
@@ -51,13 +84,18 @@ def _assert_same_run(run_dir: Path, reference: Path, out: str) -> None:
 
 @pytest.mark.parametrize("config", [PLAIN, CONFIG], ids=["dp", "zero2"])
 def test_a_killed_rank_restarts_the_job_which_resumes_bit_for_bit(tmp_path, config):
-    """2 ranks under torchrun --max-restarts 2, checkpoints every 2 of 6 steps: rank 1 SIGKILLed as step 4 begins
-    (resumes from step 2), and rank 0 SIGKILLed while writing step 4's checkpoint (its temporary folder removed on
-    restart, resumes from step 2), each restart by themselves and end with the uninterrupted run's losses for every
-    step and its adapter files. The plain engine also runs a write under ENOSPC with no restarts: both ranks end at
-    once with one error naming the folder and the cause, and step 2's checkpoint stays verified."""
+    """2 ranks, checkpoints every 2 of 6 steps: rank 1 SIGKILLed as step 4 begins (resumes from step 2) and, in the
+    restarted job, rank 0 asleep inside a collective of step 5 (the step watchdog ends the attempt within
+    train.step_timeout_s + a margin, resumes from step 4), under torchrun --max-restarts (DP) and under
+    launch/deepspeed.sh's restart loop (ZeRO-2); and rank 0 SIGKILLed while writing step 4's checkpoint under
+    torchrun (its temporary folder removed on restart, resumes from step 2): each restarts by itself and ends with
+    the uninterrupted run's losses for every step and its adapter files. The plain engine also runs a write under
+    ENOSPC with no restarts: both ranks end at once with one error naming the folder and the cause, and step 2's
+    checkpoint stays verified."""
+    hang = ("--set", f"train.step_timeout_s={HANG_TIMEOUT_S}")
     launches = {"straight": _torchrun(config, tmp_path / "straight"),
-                "kill-step": _torchrun(config, tmp_path / "kill-step", "kill:step:3:1"),
+                "kill-step": _torchrun(config, tmp_path / "kill-step", KILL_THEN_HANG, 3, *hang) if config == PLAIN
+                else _deepspeed(config, tmp_path / "kill-step", KILL_THEN_HANG, 3, *hang),
                 "kill-write": _torchrun(config, tmp_path / "kill-write", "kill:ckpt-write:4:0")}
     if config == PLAIN:
         launches["enospc"] = _torchrun(config, tmp_path / "enospc", "enospc:ckpt-write:4:0", restarts=0)
@@ -68,6 +106,7 @@ def test_a_killed_rank_restarts_the_job_which_resumes_bit_for_bit(tmp_path, conf
         assert rc == 0, f"{name}:\n{out[-3000:]}"
         assert f"resumed from {tmp_path / name / 'checkpoints' / 'step_0000002'} at step 2" in out, out[-3000:]
         _assert_same_run(tmp_path / name, tmp_path / "straight", out)
+    _assert_hang_ended_the_attempt(tmp_path / "kill-step", results["kill-step"][1])
     if config == PLAIN:
         rc, out = results["enospc"]
         assert rc != 0
