@@ -1,6 +1,11 @@
 """The compare's report: ``report.md`` (tables: held-out metrics mean ± std over seeds, trainable parameters, step
 time against the frozen floor and the reference, bytes saved for backward, per-task losses, the claims) and PNG
-plots (training loss against step and against wall time, held-out loss per entry), written by rank 0."""
+plots (training loss against step and against wall time, held-out loss per entry), written by rank 0.
+
+Decision (the wall-time axis): with a profile, an entry's k-th step sits at k × its profiled median step time (all
+entries measured interleaved in one process, so machine load hits them alike); the runs' own clocks are used only
+without a profile. The runs' clocks are not comparable: they ran one after another, under whatever load the
+machine had, and the gradient probes of some entries add a full-gradient pass to each of their steps."""
 
 from __future__ import annotations
 
@@ -40,18 +45,28 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
     return [statistics.fmean(c[i] for c in curves) for i in range(n)]
 
 
-def plot_losses(results: dict[str, list[dict]], path: Path, against_time: bool) -> Path:
+def plot_losses(results: dict[str, list[dict]], path: Path, against_time: bool,
+                step_s: dict[str, float] | None = None) -> Path:
+    """Mean training loss per entry against the optimizer step, or against time: ``step_s`` (an entry's profiled
+    seconds per step) when given, else the runs' own clocks (module docstring)."""
     plt, fig, ax = new_figure(6.4, 3.8)
     for label, runs in results.items():
         losses = [train_losses(r) for r in runs]
         mean = _mean_curve(losses)
-        x = _mean_curve([_elapsed(r) for r in runs]) if against_time else list(range(1, len(mean) + 1))
+        steps = list(range(1, len(mean) + 1))
+        if not against_time:
+            x = steps
+        elif step_s:
+            x = [k * step_s[label] for k in steps]
+        else:
+            x = _mean_curve([_elapsed(r) for r in runs])
         line, = ax.plot(x[:len(mean)], mean, label=label, linewidth=1.4)
         if len(runs) > 1:
             lo = [min(c[i] for c in losses) for i in range(len(mean))]
             hi = [max(c[i] for c in losses) for i in range(len(mean))]
             ax.fill_between(x[:len(mean)], lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-    ax.set_xlabel("wall time of training (s)" if against_time else "optimizer step")
+    ax.set_xlabel(("steps × profiled step time (s)" if step_s else "wall time of training (s)") if against_time
+                  else "optimizer step")
     ax.set_ylabel("training loss (nats / token)")
     seeds = max(len(r) for r in results.values())
     ax.set_title(f"training loss, mean of {seeds} seed(s)" + (", band: min–max" if seeds > 1 else ""))
@@ -136,7 +151,8 @@ def write_report(spec: Any, results: dict[str, list[dict]], prof: dict[str, Any]
                  claims: list[dict[str, Any]]) -> list[Path]:
     out = spec.out
     paths = [plot_losses(results, out / "loss_vs_step.png", against_time=False),
-             plot_losses(results, out / "loss_vs_time.png", against_time=True),
+             plot_losses(results, out / "loss_vs_time.png", against_time=True,
+                         step_s={k: v["median_s"] for k, v in prof["entries"].items()} if prof else None),
              plot_heldout(results, out / "heldout.png")]
     atomic_write(out / "claims.json", json.dumps(claims, indent=2))
     atomic_write(out / "report.md", markdown(spec, results, prof, claims))
