@@ -1,35 +1,98 @@
 """Measure a Trainer's model-state tensors on this rank, for the planner's exact-bytes checks
-(tests/test_megatron.py, tests/test_accounting.py): frozen parameters, adapter parameters, the gradients present
-at the optimizer step, and the AdamW moments."""
+(tests/test_megatron.py, tests/test_deepspeed.py): frozen parameters, adapter parameters, the gradients present
+at the optimizer step, and the AdamW moments (with DeepSpeed's fp32 master partitions under ZeRO)."""
 
 from __future__ import annotations
+
+import torch
+
+ZERO_GRADS = ("averaged_gradients", "all_grad_tensors", "grads_in_partition", "ipg_buffer",
+              "grad_partitions_flat_buffer")
+"""DeepSpeed 0.19 ZeRO optimizer attributes that hold gradients (partitions, reduction buckets)."""
+ZERO_MASTERS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
+"""Its fp32 master partitions (ZeRO-1/2, ZeRO-3)."""
 
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _tensors(obj):
+    """Every tensor in ``obj`` (a tensor, or lists / tuples / dicts of them)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one flat buffer count it once, padding
+    included; meta and empty tensors count nothing)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is not None and t.device.type != "meta" and t.untyped_storage().nbytes():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _zero_grads(zero, params) -> list:
+    return [p.grad for p in params] + [t for name in ZERO_GRADS for t in _tensors(getattr(zero, name, None))] \
+        + [flat.grad for name in ZERO_MASTERS for flat in getattr(zero, name, None) or []]
+
+
 def record_state_bytes(trainer) -> dict:
     """Wrap the optimizer's step so that the returned dict holds each byte count's maximum over the run's steps
-    (a method may train some tensors only in some steps: LoCA's coefficients and locations alternate)."""
+    (a method may train some tensors only in some steps: LoCA's coefficients and locations alternate).
+
+    Under DeepSpeed ZeRO the counts are the distinct storages the engine holds on this rank: frozen weights (their
+    ZeRO-3 partitions ``ds_tensor`` and any gathered value), the adapters (the padded flat buffer their ZeRO-1/2
+    values are views of, their ZeRO-3 partitions), the gradients (the model's ``.grad``, DeepSpeed's partitions
+    and buckets, the fp32 flat gradient of the step; also measured after each micro-batch's backward but the
+    last), and the optimizer (DeepSpeed's fp32 master partitions and the AdamW moments of the partitions)."""
     out: dict = {}
     step = trainer.optimizer.step
+    ds = getattr(trainer, "ds", None)
 
     def keep(key: str, value: int) -> None:
         out[key] = max(out.get(key, 0), value)
 
+    def moments():
+        return [t for s in trainer.optimizer.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")]
+
     def measured_step(*args, **kwargs):
-        modules = trainer.mg.chunks if trainer.mg is not None else [trainer.model]
         params = list(trainer.params.values())
-        keep("frozen", _nbytes(p for m in modules for p in m.parameters() if not p.requires_grad))
-        keep("adapters", _nbytes(params))
-        keep("gradients", _nbytes(p.grad for p in params if p.grad is not None))
+        if ds is None:
+            modules = trainer.mg.chunks if trainer.mg is not None else [trainer.model]
+            keep("frozen", _nbytes(p for m in modules for p in m.parameters() if not p.requires_grad))
+            keep("adapters", _nbytes(params))
+            keep("gradients", _nbytes(p.grad for p in params if p.grad is not None))
+            result = step(*args, **kwargs)
+            keep("optimizer", _nbytes(moments()))
+            return result
+        zero = ds.engine.optimizer
+        frozen = [p for p in ds.module.parameters() if not p.requires_grad]
+        keep("frozen", _storage_bytes([p.data for p in frozen] + [getattr(p, "ds_tensor", None) for p in frozen]))
+        keep("adapters", _storage_bytes([p.data for p in params] + [getattr(p, "ds_tensor", None) for p in params]))
+        keep("gradients", _storage_bytes(_zero_grads(zero, params)))
         result = step(*args, **kwargs)
-        keep("optimizer", _nbytes(t for s in trainer.optimizer.state.values() for k, t in s.items()
-                                  if k in ("exp_avg", "exp_avg_sq")))
+        keep("optimizer", _storage_bytes(moments() + [t for name in ZERO_MASTERS
+                                                      for t in getattr(zero, name, None) or []]))
         return result
 
     trainer.optimizer.step = measured_step
+    if ds is not None:
+        backward = ds.backward
+
+        def measured_backward(loss, last):
+            backward(loss, last)
+            if not last:
+                keep("gradients", _storage_bytes(_zero_grads(ds.engine.optimizer, list(trainer.params.values()))))
+
+        ds.backward = measured_backward
     return out
 
 

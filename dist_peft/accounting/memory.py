@@ -5,9 +5,17 @@ Model states, per rank of one pipeline stage (P_f frozen elements, P_a adapter e
     frozen     w·P_f (w = 2 for bf16), split by TP (vocab-parallel embedding and head, column/row projections;
                norms replicated) and by PP; under ZeRO-3 also by DP
     adapters   4·P_a (fp32 masters, ``methods/``); gradients 4·P_a; AdamW moments 8·P_a
-    ZeRO       1: moments and an fp32 copy of the partition (DeepSpeed's ``single_partition_of_fp32_groups``)
-               /DP; 2: + gradients /DP; 3: + the adapter and frozen parameters /DP, plus the gathered working set
-               (``stage3_max_live_parameters``, DeepSpeed's default 1e9 elements, at most the model)
+    ZeRO       (DeepSpeed 0.19, checked tensor by tensor in tests/test_deepspeed.py) 1: moments and an fp32 copy
+               of the partition (``single_partition_of_fp32_groups``) /DP; the adapters sit in one flat buffer
+               padded to a multiple of 2·DP elements (A = ⌈P_a / 2DP⌉·2DP: 4·A whole, 12·A/DP optimizer); the
+               whole gradients live through the backward; 2: + gradients /DP (one fp32 partition, 4·A/DP);
+               3: every tensor is split into ⌈numel / DP⌉-element partitions (the adapters: 4·⌈P_a/DP⌉; frozen:
+               w·Σ⌈n/DP⌉, a tensor of at most ``stage3_param_persistence_threshold`` elements (1e5) also stays
+               whole), the optimizer holds the fp32 master and moments of the partition (12·⌈P_a/DP⌉), and at the
+               step two gradient partitions (``grad_partitions_flat_buffer`` and its flattened fp32 copy for the
+               inner optimizer: 8·⌈P_a/DP⌉); ``gathered``: the working set of whole frozen weights during the
+               forward and backward (``stage3_max_live_parameters``, 1e9 elements by default, at least one decoder
+               layer, at most the stage)
 Megatron's 18 B/param (and DeepSpeed's estimators) assume every parameter trains; under adapters only P_a pays
 the 16 B/element, the frozen weights pay w.
 
@@ -23,8 +31,9 @@ tests/test_accounting.py):
     MLP             gate, SiLU(gate), up: 3af; down's input a·f if down_proj is targeted
     adapters        the method's ``saved_bytes`` per site (LoRA: the a·r product A x)
 Tensor parallelism divides the attention and MLP terms by TP; sequence parallelism also the norm terms.
-Recompute: full keeps only each layer's input (a·h, /TP under SP) plus one layer's working set; selective
-(megatron-core's core attention) keeps q, k, v as the checkpoint's inputs and drops the output and log-sum-exp. Pipeline: stage p holds min(pp − p, m) micro-batches in
+Recompute: full keeps only each layer's input (a·h, /TP under SP) plus one layer's working set (its weight casts
+included); selective (megatron-core's core attention) keeps q, k, v as the checkpoint's inputs and drops the output
+and log-sum-exp. Pipeline: stage p holds min(pp − p, m) micro-batches in
 1F1B, the first stage ×(1 + (pp − 1)/(pp·vp)) under interleaving (Megatron's theoretical_memory_usage).
 Logits on the last stage: the fp32 log-softmax saved by the loss, its gradient and the a-byte logits:
 T_mb·V/TP·(8 + a).
@@ -62,6 +71,8 @@ class Layout:
     act_bytes: int = 2
     zero3_live: int = 10**9
     """ZeRO-3: parameters gathered at once (stage3_max_live_parameters)."""
+    zero3_persist: int = 10**5
+    """ZeRO-3: tensors of at most this many elements stay whole (stage3_param_persistence_threshold)."""
 
     @property
     def world(self) -> int:
@@ -79,6 +90,8 @@ class StageMemory:
     stage: int
     layers: int
     frozen: int = 0
+    gathered: int = 0
+    """ZeRO-3: whole frozen weights gathered for the forward and backward (working set)."""
     adapters: int = 0
     gradients: int = 0
     optimizer: int = 0
@@ -89,8 +102,8 @@ class StageMemory:
 
     @property
     def total(self) -> int:
-        return (self.frozen + self.adapters + self.gradients + self.optimizer + self.buffers + self.activations
-                + self.logits)
+        return (self.frozen + self.gathered + self.adapters + self.gradients + self.optimizer + self.buffers
+                + self.activations + self.logits)
 
 
 def layer_activation_bytes(shape: ModelShape, method: Any, layout: Layout, first: bool = False) -> float:
@@ -118,7 +131,7 @@ def activation_bytes(shape: ModelShape, method: Any, layout: Layout, stage: int,
     per_layer = layer_activation_bytes(shape, method, layout)
     if layout.recompute == "full":
         kept = layout.act_bytes * shape.hidden / (layout.tp if layout.sequence_parallel else 1)
-        one_mb = tokens * (kept * layers + per_layer)
+        one_mb = tokens * (kept * layers + per_layer) + weight_cast_bytes(shape, method, layout)
     else:
         first = layer_activation_bytes(shape, method, layout, first=True) if stage == 0 else per_layer
         one_mb = tokens * (per_layer * (layers - 1) + first) + layers * weight_cast_bytes(shape, method, layout)
@@ -171,7 +184,10 @@ def stage_memory(shape: ModelShape, method: Any, layout: Layout) -> list[StageMe
         for s in sites:
             own, shared = cls.buffer_bytes(s, method.options)
             st.buffers += own * per_stage + shared
-        _model_states(st, frozen, trainable, layout)
+        _model_states(st, frozen, trainable, layout, frozen_tensor_numels(shape, p == 0, p == layout.pp - 1, per_stage)
+                      if layout.zero == 3 else [])
+        if layout.zero == 3:
+            st.gathered = layout.weight_bytes * min(max(layout.zero3_live, shape.layer_params()), frozen)
         st.activations = int(activation_bytes(shape, method, layout, p, per_stage))
         if p == layout.pp - 1:
             st.logits = int(logits_saved_bytes(shape, layout) * (2 + layout.act_bytes / 4))  # + its gradient, logits
@@ -184,12 +200,27 @@ def _layer_local_params(shape: ModelShape, tp: int) -> int:
     return (shape.layer_params() - 2 * shape.hidden) // tp + 2 * shape.hidden
 
 
-def _model_states(st: StageMemory, frozen: int, trainable: int, layout: Layout) -> None:
-    dp, z = layout.dp, layout.zero
-    st.frozen = layout.weight_bytes * (frozen if z < 3 else math.ceil(frozen / dp) + min(layout.zero3_live, frozen))
-    st.adapters = 4 * (trainable if z < 3 else math.ceil(trainable / dp))
-    part = math.ceil(trainable / dp)
-    st.gradients = 4 * (trainable if z < 2 else part)
-    st.optimizer = 8 * part if z else 8 * trainable
-    if z:
-        st.optimizer += 4 * part  # DeepSpeed's fp32 copy of this rank's partition
+def frozen_tensor_numels(shape: ModelShape, first: bool, last: bool, layers: int) -> list[int]:
+    """Elements of each frozen tensor of a stage (no TP): per layer the seven projections, their biases and two
+    norms; the embedding on the first stage; the final norm and the untied head on the last."""
+    h, f, q, kv = shape.hidden, shape.intermediate, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    layer = [m * n for m, n in shape.site_dims().values()] + [h, h]
+    layer += [q, kv, kv] * shape.qkv_bias + [h] * shape.o_bias + [f, f, h] * shape.mlp_bias
+    out = layer * layers + [shape.embedding_params()] * first
+    return out + ([h] + [shape.vocab * h] * (not shape.tie_embeddings or not first)) * last
+
+
+def _model_states(st: StageMemory, frozen: int, trainable: int, layout: Layout, frozen_numels: list[int]) -> None:
+    """Model-state bytes of one rank (module docstring: the plain and megatron engines, DeepSpeed's stages)."""
+    dp, z, w = layout.dp, layout.zero, layout.weight_bytes
+    st.frozen = w * frozen
+    if z == 0:
+        st.adapters, st.gradients, st.optimizer = 4 * trainable, 4 * trainable, 8 * trainable
+    elif z < 3:
+        flat = -(-trainable // (2 * dp)) * 2 * dp
+        st.adapters, st.optimizer = 4 * flat, 12 * flat // dp
+        st.gradients = 4 * trainable if z == 1 else 4 * flat // dp
+    else:
+        part = math.ceil(trainable / dp)
+        st.adapters, st.gradients, st.optimizer = 4 * part, 8 * part, 12 * part
+        st.frozen = w * sum(math.ceil(n / dp) + n * (n <= layout.zero3_persist) for n in frozen_numels)

@@ -82,8 +82,8 @@ def make_plan(shape: ModelShape, method: Any, layout: Layout, gpu: Gpu) -> Plan:
 
 
 def _largest(s: StageMemory) -> str:
-    parts = {k: getattr(s, k) for k in ("frozen", "adapters", "gradients", "optimizer", "buffers", "activations",
-                                         "logits")}
+    parts = {k: getattr(s, k) for k in ("frozen", "gathered", "adapters", "gradients", "optimizer", "buffers",
+                                         "activations", "logits")}
     return ", ".join(f"{k} {v / GIB:.1f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:3])
 
 
@@ -162,7 +162,9 @@ def layout_of(cfg: Any, gpus: int) -> Layout:
                   zero=ds.zero_stage if ds else 0, sequence_parallel=bool(par and par.sequence_parallel),
                   recompute=rec.granularity if rec else "none", micro_batch=cfg.train.micro_batch_size,
                   grad_accum=cfg.train.grad_accum, seq_len=cfg.data.seq_len,
-                  weight_bytes=2 if cfg.model.dtype == "bfloat16" else 4, act_bytes=2 if bf16 else 4)
+                  weight_bytes=2 if cfg.model.dtype == "bfloat16" else 4, act_bytes=2 if bf16 else 4,
+                  **{k: v for k, v in (("zero3_live", ds and ds.max_live_parameters),
+                                       ("zero3_persist", ds and ds.param_persistence_threshold)) if v is not None})
 
 
 def check_fits(cfg: Any, world: int, memory_bytes: int | None) -> None:
@@ -189,7 +191,7 @@ def check_fits(cfg: Any, world: int, memory_bytes: int | None) -> None:
 
 def plan_rows(plan: Plan) -> list[dict[str, Any]]:
     """One row per pipeline stage, in GiB."""
-    keys = ("frozen", "adapters", "gradients", "optimizer", "buffers", "activations", "logits", "total")
+    keys = ("frozen", "gathered", "adapters", "gradients", "optimizer", "buffers", "activations", "logits", "total")
     return [{"stage": s.stage, "layers": s.layers, **{k: round(getattr(s, k) / GIB, 2) for k in keys}}
             for s in plan.stages]
 
