@@ -147,11 +147,14 @@ def test_od_gradients_are_the_projected_full_gradient():
     from a dense reference whose W_eff = W + s(Q_B A + B Q_Aᵀ) is a leaf."""
     a = _adapter()
     gen = torch.Generator().manual_seed(4)
-    x, gy = torch.randn(7, 16, generator=gen), torch.randn(7, 24, generator=gen)
-    (a(x, x @ a.site.weight.T) * gy).sum().backward()
+    x, gy = torch.randn(2, 7, 16, generator=gen, requires_grad=True), torch.randn(2, 7, 24, generator=gen)
+    y = a(x, x @ a.site.weight.T)
+    (y * gy).sum().backward()
     w_eff = (a.site.weight + a.scale * (a.Q_B @ a.lora_A + a.lora_B @ a.Q_A.mT)).detach().requires_grad_(True)
-    ((x @ w_eff.T) * gy).sum().backward()
+    torch.testing.assert_close(y, x @ w_eff.T, rtol=1e-5, atol=1e-5)
+    ((x.detach() @ w_eff.T) * gy).sum().backward()
     g = w_eff.grad
+    torch.testing.assert_close(x.grad, gy @ w_eff.detach(), rtol=1e-5, atol=1e-5)  # ∂x through both paths
     torch.testing.assert_close(a.lora_A.grad, a.scale * a.Q_B.mT @ g, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.lora_B.grad, a.scale * g @ a.Q_A, rtol=1e-5, atol=1e-5)
     assert a.Q_A.grad is None and a.Q_B.grad is None

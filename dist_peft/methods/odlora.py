@@ -52,7 +52,6 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dist_peft.methods.base import Controller, ParamLayout, Site, SiteShape, StepContext, register_method
@@ -144,13 +143,16 @@ class OdLoraController(Controller):
         owners = ([(a, "A", a.spec.kind is ShardKind.ROW) for _, a in items]
                   + [(a, "B", a.spec.kind is ShardKind.COLUMN) for _, a in items])
         qrs = cholesky_qr2(mats, self._reduce(owners), self.cfg.rank_tol)
-        skipped = []
+        skipped, targets, sources = [], [], []
         for i, (name, a) in enumerate(items):
             q_a, q_b = qrs[i], qrs[len(items) + i]
             if q_a is None or q_b is None:
                 skipped.append(name)  # Decision (G17): keep both old bases of the layer
                 continue
-            a.set_bases(q_a[0], q_b[0])
+            targets += [a.Q_A, a.Q_B]
+            sources += [q_a[0], q_b[0]]
+        if targets:
+            torch._foreach_copy_(targets, sources)  # every layer's bases in one call (they are in the OD form)
         self.counts["refresh"] += 1
         if skipped:
             self._warn("refresh_skipped", skipped, "QR refresh skipped (rank-deficient or non-finite factor)")
@@ -197,6 +199,38 @@ class OdLoraController(Controller):
             expected[key].copy_(t)
 
 
+class _OdForm(torch.autograd.Function):
+    """y = base_out + s H Lᵀ with H = x R (T x 2r), R = [Aᵀ | Q_A], L = [Q_B | B] (Eq. 4), in x's dtype.
+
+    Backward, P = GL (T x 2r, scaled by s): ∂x = P Rᵀ, ∂A = P[:, :r]ᵀ x, ∂B = s Gᵀ H[:, r:], ∂base_out = G; no
+    gradient is formed for the bases' halves of L and R (autograd through the concatenations would compute the
+    full n x 2r and m x 2r products and drop half): 4(m + n)rT forward, 6(m + n)rT backward. The sum and the scale
+    are fused into one addmm; saved: x (the base layer's input, shared) and H."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, base_out: Tensor, a: Tensor, b: Tensor, q_a: Tensor, q_b: Tensor,
+                scale: float) -> Tensor:
+        right = torch.cat([a.mT, q_a], 1).to(x.dtype)  # n x 2r
+        left = torch.cat([q_b, b], 1).to(x.dtype)  # m x 2r
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ right
+        y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, left.mT, alpha=scale)
+        ctx.save_for_backward(x, h, left, right)
+        ctx.scale, ctx.param_dtypes = scale, (a.dtype, b.dtype)
+        return y.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, h, left, right = ctx.saved_tensors
+        r, s = h.shape[1] // 2, ctx.scale
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        p = torch.mm(g2.to(left.dtype), left).mul_(s)
+        d_x = (p @ right.mT).view(x.shape) if ctx.needs_input_grad[0] else None
+        d_a = (p[:, :r].mT @ x2).to(ctx.param_dtypes[0]) if ctx.needs_input_grad[2] else None
+        d_b = (g2.mT.to(h.dtype) @ h[:, r:]).mul_(s).to(ctx.param_dtypes[1]) if ctx.needs_input_grad[3] else None
+        return d_x, g, d_a, d_b, None, None, None
+
+
 @register_method("odlora", OdLoraConfig)
 class OdLoraAdapter(LoraAdapter):
     buffer_names = ("Q_A", "Q_B", "od_form")
@@ -226,8 +260,9 @@ class OdLoraAdapter(LoraAdapter):
         return torch.cat([self.Q_B, self.lora_B], 1), torch.cat([self.lora_A.mT, self.Q_A], 1)
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
-        left, right = self.factors()  # H = x R (tokens x 2r), y += s H Lᵀ: Q's are buffers, so no gradient
-        return base_out + self.scale * F.linear(F.linear(self.dropout(x), right.mT.to(x.dtype)), left.to(x.dtype))
+        if not self.od_active:  # Phase I, round 1: the LoRA form
+            return super().forward(x, base_out)
+        return _OdForm.apply(self.dropout(x), base_out, self.lora_A, self.lora_B, self.Q_A, self.Q_B, self.scale)
 
     def delta_weight(self) -> Tensor:
         left, right = self.factors()

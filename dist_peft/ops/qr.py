@@ -68,35 +68,50 @@ def _cholesky_upper(grams: Tensor, rank_tol: float) -> tuple[Tensor, Tensor]:
     return torch.where(ok[:, None, None], low.mT, eye), ok
 
 
-def _cholesky_pass(mats: Sequence[Tensor], reduce: Reduce, rank_tol: float):
-    """One Cholesky-QR pass, batched over matrices of one shape: (reduced Grams, [(M R⁻¹, R) or None]).
-    ``reduce`` gets one Gram per matrix (views into the batched Grams, summed in place)."""
+def _groups(mats: Sequence[Tensor]) -> dict[tuple, list[int]]:
+    """Indices of the matrices of each (shape, device): the batches of one call."""
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(mats):
         groups.setdefault((tuple(m.shape), m.device), []).append(i)
-    stacks = {key: torch.stack([mats[i].double() for i in idx]) for key, idx in groups.items()}
+    return groups
+
+
+def _cholesky_pass(stacks: dict[tuple, Tensor], groups: dict[tuple, list[int]], count: int, reduce: Reduce,
+                   rank_tol: float) -> tuple[list[Tensor], dict[tuple, tuple[Tensor, Tensor, Tensor]]]:
+    """One Cholesky-QR pass over the fp64 batches ``stacks`` (b, d, k): (each matrix's reduced Gram, in the
+    order of the call, and per batch (M R⁻¹, R, ok)). ``reduce`` gets one Gram per matrix (views into the batched
+    Grams, summed in place). No host sync."""
     batched = {key: gram64(stack) for key, stack in stacks.items()}
-    grams: list[Tensor] = [torch.empty(0)] * len(mats)
+    grams: list[Tensor] = [torch.empty(0)] * count
     for key, idx in groups.items():
-        for j, i in enumerate(idx):
-            grams[i] = batched[key][j]
+        for i, g in zip(idx, batched[key].unbind()):
+            grams[i] = g
     reduce(grams)
-    out: list[tuple[Tensor, Tensor] | None] = [None] * len(mats)
-    for key, idx in groups.items():
+    out = {}
+    for key, stack in stacks.items():
         r, ok = _cholesky_upper(batched[key], rank_tol)
-        q = torch.linalg.solve_triangular(r, stacks[key], upper=True, left=False)
-        for j, (i, good) in enumerate(zip(idx, ok.tolist())):
-            out[i] = (q[j], r[j]) if good else None
+        out[key] = torch.linalg.solve_triangular(r, stack, upper=True, left=False), r, ok
     return grams, out
 
 
 def _cholesky_qr2(mats: Sequence[Tensor], reduce: Reduce, rank_tol: float):
-    """Both passes; a matrix that failed pass 1 enters pass 2 as zeros (it fails again), so every rank hands
-    the reductions the same list."""
-    grams1, first = _cholesky_pass(mats, reduce, rank_tol)
-    _, second = _cholesky_pass([f[0] if f is not None else torch.zeros_like(m, dtype=torch.float64)
-                                for f, m in zip(first, mats)], reduce, rank_tol)
-    return [None if f is None or s is None else (s[0], s[1] @ f[1]) for f, s in zip(first, second)], grams1
+    """Both passes, batched per shape; a matrix that failed pass 1 enters pass 2 as zeros (it fails again), so
+    every rank hands the reductions the same list. One host sync in all (which matrices failed)."""
+    groups = _groups(mats)
+    stacks = {key: torch.stack([mats[i] for i in idx]).double() for key, idx in groups.items()}
+    grams1, first = _cholesky_pass(stacks, groups, len(mats), reduce, rank_tol)
+    zeroed = {key: torch.where(ok1[:, None, None], q1, 0.0) for key, (q1, _, ok1) in first.items()}
+    _, second = _cholesky_pass(zeroed, groups, len(mats), reduce, rank_tol)
+    keys = list(groups)
+    oks = torch.cat([first[key][2] & second[key][2] for key in keys]).tolist()
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(mats)
+    done = 0
+    for key in keys:
+        q, r = second[key][0], second[key][1] @ first[key][1]
+        for i, qi, ri, good in zip(groups[key], q.unbind(), r.unbind(), oks[done:done + len(groups[key])]):
+            out[i] = (qi, ri) if good else None
+        done += len(groups[key])
+    return out, grams1
 
 
 def cholesky_qr2(mats: Sequence[Tensor], reduce: Reduce = no_reduce,
