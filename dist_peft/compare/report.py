@@ -45,13 +45,21 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
     return [statistics.fmean(c[i] for c in curves) for i in range(n)]
 
 
+def _running_mean(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` steps: every entry sees the same batches, whose loss differences
+    (±0.5 nats here) would otherwise hide the methods' differences."""
+    return [statistics.fmean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))]
+
+
 def plot_losses(results: dict[str, list[dict]], path: Path, against_time: bool,
                 step_s: dict[str, float] | None = None) -> Path:
     """Mean training loss per entry against the optimizer step, or against time: ``step_s`` (an entry's profiled
     seconds per step) when given, else the runs' own clocks (module docstring)."""
     plt, fig, ax = new_figure(6.4, 3.8)
+    steps_run = min(len(train_losses(r)) for runs in results.values() for r in runs)
+    window = max(1, steps_run // 8)
     for label, runs in results.items():
-        losses = [train_losses(r) for r in runs]
+        losses = [_running_mean(train_losses(r), window) for r in runs]
         mean = _mean_curve(losses)
         steps = list(range(1, len(mean) + 1))
         if not against_time:
@@ -69,7 +77,8 @@ def plot_losses(results: dict[str, list[dict]], path: Path, against_time: bool,
                   else "optimizer step")
     ax.set_ylabel("training loss (nats / token)")
     seeds = max(len(r) for r in results.values())
-    ax.set_title(f"training loss, mean of {seeds} seed(s)" + (", band: min–max" if seeds > 1 else ""))
+    ax.set_title(f"training loss ({window}-step running mean), mean of {seeds} seed(s)"
+                 + (", band: min–max" if seeds > 1 else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
     return save_figure(plt, fig, path)
@@ -110,7 +119,9 @@ def markdown(spec: Any, results: dict[str, list[dict]], prof: dict[str, Any] | N
 
     for label, runs in results.items():
         knob = get_method(runs[0]["method"]).adapter_cls.size_knob
-        row = [label, runs[0]["method"], f"{knob}={runs[0]['options'].get(knob)}" if knob else "–",
+        size = runs[0]["options"].get(knob)
+        row = [label, runs[0]["method"], "–" if not knob else f"{knob}={size:.4g}" if isinstance(size, float)
+               else f"{knob}={size}",
                f"{runs[0]['trainable']:,}", str(runs[0]["steps"])]
         row += [_ms([r["eval_after"][m] for r in runs]) for m in metrics]
         if ranked:
