@@ -27,8 +27,13 @@ if [ -n "${HOSTFILE:-}" ]; then
     exit 2
   fi
   args+=(--hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$(head -n1 <<<"$hosts")}")
-  # One host: the launcher starts its ranks locally and needs no ssh.
-  [ "$(wc -l <<<"$hosts")" -eq 1 ] && args+=(--no_ssh_check)
+  if [ "$(wc -l <<<"$hosts")" -eq 1 ]; then
+    args+=(--no_ssh_check)  # one host: the launcher starts its ranks locally and needs no ssh
+  elif ! command -v pdsh >/dev/null 2>&1; then
+    echo "error: HOSTFILE=$HOSTFILE lists $(wc -l <<<"$hosts") hosts: the DeepSpeed launcher starts them with pdsh over" \
+      "passwordless ssh, and pdsh is not installed (install it, and ssh keys between the hosts)" >&2
+    exit 2
+  fi
 else
   args+=(--num_gpus "${NPROC:-2}")
 fi

@@ -56,6 +56,10 @@ def _slurm_stubs(folder: Path) -> Path:
     return folder
 
 
+TWO_HOSTS = "node0 slots=1\nnode1 slots=1\n"
+"""A two-host hostfile."""
+
+
 def _launches(tmp_path: Path, names: list[str], extra_env: dict[str, str] | None = None,
               nproc: int = 2, config: Path = CONFIG) -> dict[str, list[str] | dict]:
     """(command, env) of each named launcher for `config` with its own run folder under tmp_path."""
@@ -205,6 +209,19 @@ def test_missing_hostfile_and_missing_mpi_are_clear_errors(tmp_path):
         assert done.returncode == 2, script
         assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
         assert message in done.stderr, done.stderr
+
+
+def test_deepspeed_multi_host_form_without_pdsh_is_a_clear_error(tmp_path):
+    """A two-host hostfile asks the DeepSpeed launcher to reach the hosts with pdsh over ssh; with no pdsh on PATH
+    (this machine) launch/deepspeed.sh stops with one error line saying so (exit 2), where the launcher itself would
+    fail its ssh check (``ssh node0 hostname``) and then with "launcher 'pdsh' not installed"."""
+    (tmp_path / "hosts").write_text(TWO_HOSTS)
+    path = ":".join(d for d in os.environ["PATH"].split(":") if not (Path(d) / "pdsh").exists())
+    done = subprocess.run(["bash", "launch/deepspeed.sh", str(CONFIG)], cwd=REPO, capture_output=True, text=True,
+                          env=_env(HOSTFILE=str(tmp_path / "hosts"), PATH=path), timeout=30)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: ") and "lists 2 hosts" in done.stderr and "pdsh is not installed" in \
+        done.stderr, done.stderr
 
 
 def test_mpi_launch_without_mpi_is_a_clear_error(tmp_path, monkeypatch, capsys):
