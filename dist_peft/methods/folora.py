@@ -89,6 +89,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dist_peft.methods.base import Adapter, Controller, ParamLayout, Site, SiteShape, StepContext, register_method
+from dist_peft.methods.lora import add_product
 from dist_peft.parallel import collectives
 from dist_peft.parallel.shard import ShardKind, ShardSpec
 
@@ -514,7 +515,7 @@ class FoloraAdapter(Adapter):
             xb = x.movedim(self.site.batch_dim, 0)
             z = torch.bmm(xb.reshape(xb.shape[0], -1, xb.shape[-1]), vt[ids].transpose(1, 2))
             z = z.reshape(*xb.shape[:-1], -1).movedim(0, self.site.batch_dim)
-        out = base_out + self.scale * F.linear(z, u)
+        out = add_product(base_out, z, u, self.scale)
         if self.recorder is not None and out.requires_grad:
             xd, record = x.detach(), self.recorder
             out.register_hook(lambda g: record(self, xd, g, ids))

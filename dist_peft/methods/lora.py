@@ -48,6 +48,15 @@ class LoraConfig:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+def add_product(base_out: Tensor, z: Tensor, b: Tensor, scale: float) -> Tensor:
+    """base_out + scale · z Bᵀ (z: (..., r), B: m x r) as one ``addmm`` over the flattened tokens. Decision: the
+    GEMM adds into the base output and applies the scale, so neither costs a pass over the T x m output (the
+    written-out ``base_out + s * F.linear(z, B)`` makes two in forward and one in backward, scaling the output
+    gradient); s then scales only the T x r and r x m products of the backward."""
+    out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), z.reshape(-1, z.shape[-1]), b.T, alpha=scale)
+    return out.view(base_out.shape)
+
+
 @register_method("lora", LoraConfig)
 class LoraAdapter(Adapter):
     trainable_names = ("lora_A", "lora_B")
@@ -69,8 +78,8 @@ class LoraAdapter(Adapter):
             self.lora_A.copy_(spec.shard(full_a, 1) if spec.kind is ShardKind.ROW else full_a)
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return base_out + self.scale * F.linear(F.linear(self.dropout(x), a), b)
+        z = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+        return add_product(base_out, z, self.lora_B.to(x.dtype), self.scale)
 
     def delta_weight(self) -> Tensor:
         return self.scale * (self.lora_B @ self.lora_A)
