@@ -210,12 +210,12 @@ def test_output_at_init_equals_base_model_exactly(tmp_path):
     assert torch.equal(model(ids).logits, build_tiny_llama(TINY)(ids).logits)
 
 
-def _adapter(side, tmp_path, m=12, n=10, layers=3, seed=0, sparse_rate=0.2):
+def _adapter(side, tmp_path, m=12, n=10, layers=3, seed=0, sparse_rate=0.2, path="auto"):
     """An unsplit FrodAdapter on layer 0 of ``layers`` random layers, built through FrodAdapter.prepare."""
     module = "q_proj" if side == "input" else "o_proj"
     weights = [w.float() for w in _layers(layers, m, n, seed).values()]
     sites = [Site(f"model.layers.{i}.{module}", module, i, m, n, w) for i, w in enumerate(weights)]
-    cfg = FrodConfig(sparse_rate=sparse_rate, hjd_cache=str(tmp_path / "hjd"))
+    cfg = FrodConfig(sparse_rate=sparse_rate, hjd_cache=str(tmp_path / "hjd"), path=path)
     kwargs = FrodAdapter.prepare(sites, cfg)
     return FrodAdapter(sites[0], ShardSpec(), cfg, **kwargs[sites[0].name]), kwargs[sites[0].name], sites
 
@@ -235,11 +235,13 @@ def _dense_eq8(adapter, sites, side):
     return (w_new if side == "input" else w_new.T), sigma, values
 
 
+@pytest.mark.parametrize("path", ["transform", "merged"])
 @pytest.mark.parametrize("side", ["input", "output"])
-def test_gradients_match_dense_autograd_reference(side, tmp_path):
+def test_gradients_match_dense_autograd_reference(side, path, tmp_path):
     """With Σ ≠ σ⁰ and S ≠ 0: the output and the gradients of Σ, S and x equal autograd through the dense
-    W' = U(Σ+S)Vᵀ of Eq. 8 (fp64 HJD), on both sides; the S gradient is a sampled product, never dense."""
-    adapter, _, sites = _adapter(side, tmp_path)
+    W' = U(Σ+S)Vᵀ of Eq. 8 (fp64 HJD), on both sides and both paths; the S gradient is a sampled product."""
+    adapter, _, sites = _adapter(side, tmp_path, path=path)
+    assert adapter.path(7) == path
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         adapter.frod_sigma.mul_(1 + 0.2 * torch.randn(adapter.frod_sigma.shape, generator=gen))
@@ -279,8 +281,8 @@ def test_latent_kernel_passes_finite_difference_gradcheck():
 def test_kernel_saves_its_activation_in_the_activation_dtype(side, tmp_path):
     """bf16 activations through a bf16 site: every activation-sized tensor saved for backward (T·d elements or
     more) is bf16, T·d·2 bytes in all (before: the fp32 z, T·d·4); the Σ/S gradients stay within bf16 rounding
-    of the fp32 run's."""
-    adapter, _, sites = _adapter(side, tmp_path)
+    of the fp32 run's (the transform path's kernel)."""
+    adapter, _, sites = _adapter(side, tmp_path, path="transform")
     with torch.no_grad():
         adapter.frod_s.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
     x = torch.randn(64, 10, generator=torch.Generator().manual_seed(4))
@@ -309,17 +311,61 @@ def test_forward_site_equals_the_additive_contract_form(tmp_path):
     torch.testing.assert_close(adapter.forward_site(x, lambda t: t @ w.T), adapter(x, x @ w.T))
 
 
+@pytest.mark.parametrize("path", ["transform", "merged"])
 @pytest.mark.parametrize("kind,side", [("column", "input"), ("row", "output")])
 @pytest.mark.parametrize("size", [2, 4])
-def test_virtual_shards_reassemble_to_unsplit(kind, side, size, tmp_path):
+def test_virtual_shards_reassemble_to_unsplit(kind, side, size, path, tmp_path):
     """Column shards (input side: V, Σ, S replicated, W rows split) and row shards (output side: the transform of
-    each partial output, summed by the base all-reduce) give the unsplit outputs and gradients (2 and 4 shards)."""
-    adapter, kwargs, sites = _adapter(side, tmp_path, m=24, n=16, layers=3)
+    each partial output, summed by the base all-reduce) give the unsplit outputs and gradients (2 and 4 shards),
+    on both paths (merged: each shard's W′ from its own W block)."""
+    adapter, kwargs, sites = _adapter(side, tmp_path, m=24, n=16, layers=3, path=path)
     gen = torch.Generator().manual_seed(3)
     full = {"frod_sigma": adapter.frod_sigma.detach() * (1 + 0.3 * torch.randn(adapter.frod_sigma.shape,
                                                                                generator=gen)),
             "frod_s": 0.3 * torch.randn(adapter.frod_s.shape, generator=gen)}
     compare_with_unsplit(FrodAdapter, adapter.cfg, sites[0].weight, full, kind, size, adapter_kwargs=kwargs)
+
+
+def test_auto_path_follows_the_flop_count_and_gives_the_same_step(tmp_path):
+    """``path: auto`` takes the transform for few tokens and the merged form for many, by the FLOP count that the
+    accounting reports (extra_flops); both give the same outputs and Σ/S gradients; a forced merged path on a
+    ZeRO-3-partitioned weight is refused, auto falls back to the transform there."""
+    from dist_peft.methods.base import SiteShape
+    from dist_peft.methods.frod import choose_path, path_flops
+
+    adapter, kwargs, sites = _adapter("input", tmp_path)
+    assert adapter.path(4) == "transform" and adapter.path(4096) == "merged"
+    shape, cfg = SiteShape("q_proj", 576, 576), FrodConfig()
+    k = int(0.01 * 576 * 576)
+    for tokens, want in ((256, "transform"), (4096, "merged")):
+        assert choose_path("auto", 576, 576, 576, k, tokens) == want
+        assert FrodAdapter.extra_flops(shape, tokens, cfg) == path_flops(576, 576, 576, k, tokens)[want]
+    with torch.no_grad():
+        adapter.frod_sigma.mul_(1.2)
+        adapter.frod_s.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 300, 10, generator=torch.Generator().manual_seed(1))
+    w = sites[0].weight
+    results = []
+    for tokens_path in ("transform", "merged"):
+        a = FrodAdapter(sites[0], ShardSpec(), dataclasses.replace(adapter.cfg, path=tokens_path),
+                        **kwargs)
+        a.load_state_dict(adapter.state_dict())
+        y = a.forward_site(x, lambda t: t @ w.T)
+        y.square().sum().backward()
+        results.append((y, a.frod_sigma.grad, a.frod_s.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    w.ds_id = 0  # what a ZeRO-3 partitioned parameter carries
+    try:
+        assert adapter.path(4096) == "transform"
+        merged = FrodAdapter(sites[0], ShardSpec(), dataclasses.replace(adapter.cfg, path="merged"),
+                             **kwargs)
+        with pytest.raises(ValueError, match="ZeRO-3"):
+            merged.forward_site(x, lambda t: t @ w.T)
+    finally:
+        del w.ds_id
+    with pytest.raises(ValueError, match="path"):
+        FrodConfig(path="dense")
 
 
 def test_incompatible_split_and_side_are_refused(tmp_path):

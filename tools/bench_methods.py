@@ -102,8 +102,11 @@ CONFIGS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "folora-mixed": ours("folora", r=16, lora_alpha=32, num_tasks=2),
     "peft-fourierft": lambda model: __import__("peft").get_peft_model(
         model, __import__("peft").FourierFTConfig(n_frequency=1000, target_modules=ALL)),
-    # FRoD at HF PEFT's defaults (s = 0.01, π = 1e-3); ours with its default sides (o_proj, down_proj: output).
+    # FRoD at HF PEFT's defaults (s = 0.01, π = 1e-3); ours with its default sides (o_proj, down_proj: output),
+    # path auto (per site, from the tokens) and each path forced.
     "frod": ours("frod", sparse_rate=0.01),
+    "frod-transform": ours("frod", sparse_rate=0.01, path="transform"),
+    "frod-merged": ours("frod", sparse_rate=0.01, path="merged"),
     "peft-frod": lambda model: __import__("peft").get_peft_model(
         model, __import__("peft").FrodConfig(target_modules=ALL, sparse_rate=0.01, progressbar=False)),
     # OD-LoRA and ScaLoRA do their work in Controller hooks, which every step calls as the Trainer does

@@ -19,9 +19,20 @@ Output side (the HJD of Wᵢᵀ: Wᵢᵀ = U'_i Σ⁰ V'ᵀ, Wᵢ'ᵀ = U'_i(Σ_
 At initialisation M_i = 0 exactly, so x̃ = x (ỹ = y) bit for bit: the model's output equals the base model's.
 
 Decision (specs/frod.md §3.4 and §9 bug 1): form M instead of the reference code's "W0 x + UΣVᵀx" (≈ 2·W0·x at
-init) and instead of form P (replace W0 by a stored U_i, a second m × n copy). The merged form (one W′ per step)
-costs 2mnT + 4mn² + 4n³ per step against 8n²T here (T tokens): cheaper only for T > 2n(m+n)/(4n−m), needs a live
-m × n W′ per layer for backward (or a second 2mn² to rebuild it) and the engine's weight swapped; not used.
+init) and instead of form P (replace W0 by a stored U_i, a second m × n copy).
+Decision (issue 16, ``path``): two exact computations of form M, chosen per site and per forward from its token
+count T (``path: auto``, by the FLOP count the accounting reads too: ``path_flops``); either can be forced:
+  transform  the latent transform per token (above): 8d²T + O(|S|T) extra FLOPs, nothing per step;
+  merged     K = F N̂ᵀ F⁻¹ (d × d) and W′ = W(I + Kᵀ) (input side) or (I + Kᵀ)W (output side) built once per
+             forward, y = W′x + b in place of the base matmul; backward ∂x = G W′, one weight-gradient GEMM
+             ∂W′ = GᵀX, projected to ∂K = ∂W′ᵀW (or W∂W′ᵀ) and to Σ/S by a sampled product (ops/sparse_latent.py):
+             2mnT + 6mnd + 4d³ extra, so it wins once T is a few d (m = n = d: T > 5d/3).
+  W′ is rebuilt in backward, not saved: no second m × n copy of a weight lives through the forward.
+  The merged path runs the site's linear itself (F.linear of the site's weight and bias, the base's own math), so
+  it needs the whole local weight: under ZeRO-3, whose partitioned weight only the base layer's own forward
+  gathers, ``auto`` takes the transform path and a forced ``merged`` is refused. With gradient accumulation the
+  merged path builds W′ and projects ∂W′ per micro-batch (the projection must end inside backward, where the
+  engines' gradient reductions see it); ``auto`` decides on the micro-batch's tokens.
 Decision (spec §10 item 4): the forward, delta_weight and files use one convention, u = N̂ z (S_pq couples latent
 input q into output p), the paper's Eq. 8 and HF PEFT's forward.
 Decision (spec §10 item 5, §8.5): one pattern per module type, shared by its layers (the code's choice), drawn from
@@ -50,9 +61,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dist_peft.methods.base import Adapter, ParamLayout, Site, SiteShape, register_method
-from dist_peft.ops.sparse_latent import CsrPattern, csr_pattern, latent_update, off_diagonal_pattern, with_diagonal
+from dist_peft.ops.sparse_latent import (CsrPattern, csr_pattern, latent_matrix, latent_update, merged_linear,
+                                         off_diagonal_pattern, with_diagonal)
 from dist_peft.parallel.hjd_cache import hjd_bases
 from dist_peft.parallel.shard import ShardKind, ShardSpec
+
+
+PATHS = ("auto", "transform", "merged")
+
+
+def path_flops(m: int, n: int, d: int, k: int, tokens: int) -> dict[str, tuple[int, int]]:
+    """(forward, backward) FLOPs beyond the base linear of each path for ``tokens`` tokens through a site whose
+    local weight is m × n, latent dimension d, |S| = k (module docstring; ops/sparse_latent.py). transform: 4d² +
+    2(d + k) per token forward, 4d² + 4(d + k) backward. merged: K (2d³ + 2(d + k)d) and W′ (2mnd) forward; W′
+    rebuilt (2mnd), ∂W′ = GᵀX (2mnT), ∂K (2mnd) and the sampled projection (2d³ + 2(d + k)d) backward."""
+    nnz = d + k
+    small = 2 * d ** 3 + 2 * nnz * d
+    return {"transform": ((4 * d * d + 2 * nnz) * tokens, (4 * d * d + 4 * nnz) * tokens),
+            "merged": (small + 2 * m * n * d, small + 2 * m * n * tokens + 4 * m * n * d)}
+
+
+def choose_path(path: str, m: int, n: int, d: int, k: int, tokens: int) -> str:
+    """``path`` itself, or for auto the path of fewer FLOPs (``path_flops``; transform on a tie)."""
+    if path != "auto":
+        return path
+    costs = {name: sum(fb) for name, fb in path_flops(m, n, d, k, tokens).items()}
+    return "merged" if costs["merged"] < costs["transform"] else "transform"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +101,8 @@ class FrodConfig:
     """Module types adapted on the output side (HJD of Wᵀ, spec §8.4 option B); the rest use the paper's side."""
     s_lr: float | None = None
     """lr(S); None: the run's lr. The paper's rule lr(Σ) = 10·lr(S): set train.lr to lr(Σ), s_lr to a tenth."""
+    path: str = "auto"
+    """How the update is computed: auto (per site and forward, the path of fewer FLOPs), transform or merged."""
     hjd_cache: str | None = None
     """Folder of the HJD bases (one entry per module type). None: entries under cache_root()/frod named by their
     key. A named folder is strict: an entry built for other settings or weights is refused."""
@@ -77,6 +113,8 @@ class FrodConfig:
             raise ValueError(f"sparse_rate: must be in [0, 1], got {self.sparse_rate}")
         if not self.regularization_alpha > 0.0:
             raise ValueError(f"regularization_alpha: must be > 0 (π of the HJD ridge), got {self.regularization_alpha}")
+        if self.path not in PATHS:
+            raise ValueError(f"path: must be one of {', '.join(PATHS)}, got {self.path!r}")
         if self.s_lr is not None and not self.s_lr > 0.0:
             raise ValueError(f"s_lr: must be > 0 or null, got {self.s_lr}")
 
@@ -144,23 +182,49 @@ class FrodAdapter(Adapter):
         self.frod_sigma = nn.Parameter(self.sigma0.clone())
         self.frod_s = nn.Parameter(torch.zeros(basis.p_rows.numel(), **kw))
 
+    def _values(self) -> Tensor:
+        """The values of N̂ (input side) or N̂ᵀ (output side) in the CSR order of the basis' pattern."""
+        b = self.basis
+        diag = (self.frod_sigma - self.sigma0) / self.sigma0
+        return torch.cat([diag, self.frod_s / self.sigma0[b.scale_index]])[b.order]
+
     def _update(self, a: Tensor) -> Tensor:
         """((a F) N̂ᵀ) F⁻¹ (input side) or ((a F) N̂) F⁻¹ (output side), over the last dimension of a."""
         b = self.basis
-        diag = (self.frod_sigma - self.sigma0) / self.sigma0
-        values = torch.cat([diag, self.frod_s / self.sigma0[b.scale_index]])[b.order]
         flat = a.reshape(-1, a.shape[-1])
-        return latent_update(flat, b.first, b.first_inv, values, b.pattern).reshape(a.shape)
+        return latent_update(flat, b.first, b.first_inv, self._values(), b.pattern).reshape(a.shape)
+
+    def path(self, tokens: int) -> str:
+        """The path of a forward over ``tokens`` tokens (module docstring; shapes only, no host sync)."""
+        partitioned = hasattr(self.site.weight, "ds_id")  # ZeRO-3: the base layer gathers it, not this adapter
+        if partitioned and self.cfg.path == "merged":
+            raise ValueError(f"{self.site.name}: FRoD's merged path needs the whole local weight, which ZeRO-3 "
+                             "partitions; use path: auto or transform")
+        if partitioned:
+            return "transform"
+        m, n = self.site.weight.shape
+        return choose_path(self.cfg.path, m, n, self.basis.d, self.frod_s.numel(), tokens)
+
+    def _merged(self, x: Tensor) -> Tensor:
+        """y = W′x + b, W′ = W(I + Kᵀ) (input side) or (I + Kᵀ)W (output side), K = F N̂ᵀ F⁻¹ (or F N̂ F⁻¹)."""
+        b = self.basis
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        k = latent_matrix(b.first.to(dtype), b.first_inv.to(dtype), self._values(), b.pattern)
+        return merged_linear(x, k, self.site.weight, self.site.bias, b.side)
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
-        """The contract's additive form: base_out + W(x̃ − x) (input side), or the output transform."""
+        """The contract's additive form (the transform path): base_out + W(x̃ − x) (input side), or the output
+        transform."""
         if self.basis.side == "input":
             return base_out + F.linear(self._update(x), self.site.weight.to(x.dtype))
         a = base_out if self.site.bias is None else base_out - self.site.bias
         return base_out + self._update(a)
 
     def forward_site(self, x: Tensor, base: Callable[[Tensor], Tensor]) -> Tensor:
-        """Input side: base(x̃), the base layer run once on the transformed input (form M). Output side: forward."""
+        """Merged path: W′x + b in place of the base. Transform path, input side: base(x̃), the base layer run once
+        on the transformed input (form M); output side: forward."""
+        if self.path(x.numel() // x.shape[-1]) == "merged":
+            return self._merged(x)
         if self.basis.side == "input":
             return base(x + self._update(x))
         return self(x, base(x))
@@ -217,9 +281,10 @@ class FrodAdapter(Adapter):
 
     @classmethod
     def extra_flops(cls, shape: SiteShape, tokens: int, cfg: FrodConfig) -> tuple[int, int]:
-        """ops/sparse_latent.py: 4d² + 2(d + k) per token forward, 4d² + 4(d + k) backward."""
+        """``path_flops`` of the path the adapter takes for ``tokens`` tokens (``choose_path``)."""
         d, k = cls._latent(shape, cfg)
-        return (4 * d * d + 2 * (d + k)) * tokens, (4 * d * d + 4 * (d + k)) * tokens
+        m, n = shape.m_local, shape.n_local
+        return path_flops(m, n, d, k, tokens)[choose_path(cfg.path, m, n, d, k, tokens)]
 
     @classmethod
     def saved_bytes(cls, shape: SiteShape, cfg: FrodConfig, act_bytes: int) -> int:
