@@ -1,8 +1,9 @@
 """Numerical faults and hangs (issue 14, ``dist_peft/train/guards.py``): a NaN in one rank's loss skips that step
 on every rank and leaves the run equal, bit for bit, to one whose data never held that batch (weights, optimizer
-state and method state, on the plain engine, 2-rank data parallelism and 2-rank ZeRO-2); ``train.max_bad_steps``
-NaN steps in a row end the run with one error; a rank that sleeps inside a collective is ended by its step
-watchdog within ``train.step_timeout_s`` with a report naming it and the collective.
+state and method state, on the plain engine, and on 2 ranks: data parallelism and ZeRO-2);
+``train.max_bad_steps`` NaN steps in a row end the run with one error; the skip counts survive a resume; a rank that
+sleeps inside a collective is ended by its step watchdog within ``train.step_timeout_s`` with a report naming it
+and the collective (its restart by the launchers: tests/test_faults.py).
 
 Launch: pytest tests/test_numerics_faults.py (two 2-rank launches: the NaN runs share one, the hang has its own)."""
 
@@ -77,8 +78,9 @@ def _state(t: Trainer) -> dict:
     params = t.ds.full_params() if t.ds is not None else t.params
     out = {f"param/{n}": p.detach().clone() for n, p in params.items()}
     if t.ds is None:
-        out |= {f"optim/{i}/{k}": v.clone() for i, s in enumerate(t.optimizer.state.values()) for k, v in s.items()
-                if isinstance(v, torch.Tensor)}
+        ordered = (t.optimizer.state.get(p, {}) for g in t.optimizer.param_groups for p in g["params"])
+        out |= {f"optim/{i}/{k}": v.clone() for i, s in enumerate(ordered) for k, v in s.items()
+                if isinstance(v, torch.Tensor)}  # by position in the groups: a restored state has another order
     out |= {f"method/{k}": v.clone() for k, v in t.controller.state_dict().items()}
     return out
 
@@ -123,6 +125,29 @@ def test_max_bad_steps_in_a_row_stop_the_run_with_one_error(tmp_path, capsys):
                          "--log-level", "WARNING"])  # the run's INFO lines (stderr) off: only problems show
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: train.max_bad_steps: 3 steps in a row"), err
+
+
+def test_skip_counts_survive_a_resume(tmp_path):
+    """NaN losses at attempts 1 and 2 of 5 steps, a checkpoint every 2: step 2's checkpoint (after both skips)
+    holds skipped_steps 2; a run resumed from it starts with that count and no bad steps in a row (a checkpoint
+    follows an applied step), logs the straight run's records of steps 3-5 (the count included: one that restarted
+    at 0 would log 0) and ends with its tensors."""
+    keys = ("step", "loss", "grad_norm", "lr", "skipped_steps")
+
+    def records(t: Trainer) -> list[tuple]:
+        return [tuple(r[k] for k in keys) for r in t.history if "lr" in r and r["step"] > 2]
+
+    train = {"save_every": 2, "keep_checkpoints": 3}
+    with _nan_in("0:1,2"):
+        straight = Trainer(_cfg(tmp_path / "a", train=train), echo=lambda m: None)
+        straight.run()
+        saved = tmp_path / "a" / "checkpoints" / "step_0000002"
+        resumed = Trainer(_cfg(tmp_path / "a", train=train), resume=str(saved), echo=lambda m: None)
+    assert json.loads((saved / "state.json").read_text())["skipped_steps"] == 2
+    assert (resumed.step, resumed.skipped_steps, resumed.bad_steps) == (2, 2, 0)
+    resumed.run()
+    assert records(resumed) == records(straight) and records(straight)[-1][-1] == 2
+    _assert_same_state(_state(resumed), _state(straight))
 
 
 def _nan_runs(root: str) -> dict:

@@ -37,11 +37,12 @@ from dist_peft.methods.base import Controller
 from dist_peft.parallel import collectives
 from dist_peft.train import faults
 
-FORMAT_VERSION = 2
-"""2: RNG states per rank (1 held the writer's states of every CUDA device)."""
+FORMAT_VERSION = 3
+"""3: ``skipped_steps``, the non-finite steps skipped so far (issue 14); 2: RNG states per rank (1 held the writer's
+states of every CUDA device)."""
 PARTS = "parts.json"
-META_TYPES = {"step": int, "data_position": int, "config": dict, "param_names": list, "param_groups": list,
-              "optim_scalars": dict}
+META_TYPES = {"step": int, "data_position": int, "skipped_steps": int, "config": dict, "param_names": list,
+              "param_groups": list, "optim_scalars": dict}
 """The fields of ``state.json`` and their types, checked when a checkpoint is read."""
 
 
@@ -86,10 +87,11 @@ def _restore_rng(tensors: dict[str, Tensor], rank: int) -> None:
         torch.cuda.set_rng_state(tensors[f"{own}/cuda"], torch.cuda.current_device())
 
 
-def save_checkpoint(folder: Path, *, step: int, data_position: int, config: dict[str, Any],
+def save_checkpoint(folder: Path, *, step: int, data_position: int, skipped_steps: int, config: dict[str, Any],
                     params: dict[str, Tensor], optimizer: torch.optim.Optimizer, controller: Controller,
                     rng: dict[str, Tensor]) -> Path:
-    """Write one checkpoint folder; ``rng``: ``local_rng_states`` of a part, ``gathered_rng_states`` of a whole."""
+    """Write one checkpoint folder; ``rng``: ``local_rng_states`` of a part, ``gathered_rng_states`` of a whole;
+    ``skipped_steps``: the trainer's count of skipped non-finite steps (``train/guards.py``)."""
     opt = optimizer.state_dict()
     tensors = {f"param/{n}": p for n, p in params.items()} | rng
     scalars: dict[str, dict[str, Any]] = {}
@@ -100,7 +102,8 @@ def save_checkpoint(folder: Path, *, step: int, data_position: int, config: dict
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     tensors |= {f"method/{k}": v for k, v in controller.state_dict().items()}
-    meta = {"format_version": FORMAT_VERSION, "step": step, "data_position": data_position, "config": config,
+    meta = {"format_version": FORMAT_VERSION, "step": step, "data_position": data_position,
+            "skipped_steps": skipped_steps, "config": config,
             "param_names": list(params), "param_groups": opt["param_groups"], "optim_scalars": scalars}
     with atomic_dir(folder) as tmp:
         save_tensors(tmp / "state.safetensors", tensors)

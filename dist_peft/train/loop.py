@@ -138,7 +138,7 @@ class Trainer:
             if top >= cfg.model.num_labels:
                 raise ConfigError(f"model.num_labels: {cfg.model.num_labels} classes, but the data has label {top}")
         self.step = self.position = 0
-        self.bad_steps = self.skipped_steps = 0  # non-finite steps in a row / in this process (``guards``)
+        self.bad_steps = self.skipped_steps = 0  # non-finite steps in a row / in this run, resumes included
         self._nan_steps = guards.injected_nan_steps(self.rt.rank)  # test hook, empty unless its variable is set
         self.history: list[dict[str, Any]] = []
         self.ds = None  # calibration and resume run on the plain model (_loss_sum reads self.ds)
@@ -186,7 +186,8 @@ class Trainer:
                              f"deepspeed section may change on resume")
         with self._whole_model(modify=True):  # a controller's state may hold frozen weights (ScaLoRA's merged W)
             ckpt.restore(c, self.params, self.optimizer, self.controller)
-        self.step, self.position = c.step, c.data_position
+        # A checkpoint follows an applied step, so the count of bad steps in a row is 0 there (as after __init__).
+        self.step, self.position, self.skipped_steps = c.step, c.data_position, c.meta["skipped_steps"]
         self.echo(f"resumed from {path} at step {self.step}")
         return c
 
@@ -415,7 +416,8 @@ class Trainer:
         folder = ckpt.checkpoint_dir(self.run_dir, self.step)
         state = (self.params, self.optimizer, self.controller) if self.ds is None else \
             self.ds.full_state(self.controller)
-        meta = {"step": self.step, "data_position": self.position, "config": self.cfg.to_dict()}
+        meta = {"step": self.step, "data_position": self.position, "skipped_steps": self.skipped_steps,
+                "config": self.cfg.to_dict()}
         if self.mg is not None:
             path = ckpt.save_parts(folder, self.mg.part_name, self.rt.is_main, **meta, params=state[0], optimizer=state[1],
                                    controller=state[2], rng=ckpt.local_rng_states())
