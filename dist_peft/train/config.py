@@ -43,6 +43,9 @@ class TinyModelConfig:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
+    head_dim: int | None = None
+    """Width of a head (None: hidden_size / num_attention_heads); set it for the shapes one tensor-parallel rank
+    multiplies (Llama-3.1-8B under TP2: hidden 4096, 16/4 heads of 128)."""
     tie_word_embeddings: bool = False
     initializer_range: float = 0.15
     """Std of the random weights; larger than Llama's 0.02 so that a frozen random head has logits an
@@ -52,8 +55,9 @@ class TinyModelConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads")
-        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+                  "num_attention_heads", "num_key_value_heads", "head_dim")
+        if (self.head_dim is None and self.hidden_size % self.num_attention_heads) \
+                or self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads: must divide hidden_size and be a multiple of num_key_value_heads")
 
 
@@ -404,6 +408,8 @@ class RunConfig:
             del d["parallel"]["sequence_parallel"]
         if d["model"]["preset"] is None:  # configs without a preset keep their earlier dict
             del d["model"]["preset"]
+        if d["model"]["tiny"]["head_dim"] is None:
+            del d["model"]["tiny"]["head_dim"]
         return _plain(d)
 
 

@@ -69,7 +69,8 @@ def build_tiny_llama(cfg: TinyModelConfig, task: str = "causal_lm", num_labels: 
     config = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
                          num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-                         tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=2048,
+                         head_dim=cfg.head_dim, tie_word_embeddings=cfg.tie_word_embeddings,
+                         max_position_embeddings=2048,
                          pad_token_id=256, eos_token_id=257, num_labels=num_labels or 2,
                          initializer_range=cfg.initializer_range)
     with seeded(cfg.seed):
