@@ -304,20 +304,20 @@ def test_steps_sync_the_host_at_most_once_whatever_the_depth_and_accumulation(pa
 
 
 def test_sorted_scatter_equals_index_add_and_is_reproducible():
-    """The spectral path's scatter off the CPU (``index_put_`` with accumulate, sorted) sums repeated rows like
+    """The spectral path's scatter off the CPU (``index_put_`` with accumulate, sorted) sums repeated columns like
     ``index_add_``, the same way twice."""
     gen = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, 7, (200,), generator=gen)  # every row hit ~30 times
-    src = torch.randn(200, 5, generator=gen)
-    ref = torch.zeros(7, 5).index_add_(0, idx, src)
-    got = loca._add_rows_sorted(torch.zeros(7, 5), idx, src)
+    idx = torch.randint(0, 7, (200,), generator=gen)  # every column hit ~30 times
+    src = torch.randn(5, 200, generator=gen)
+    ref = torch.zeros(5, 7).index_add_(1, idx, src)
+    got = loca._add_columns_sorted(torch.zeros(5, 7), idx, src)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-    assert torch.equal(got, loca._add_rows_sorted(torch.zeros(7, 5), idx, src))
+    assert torch.equal(got, loca._add_columns_sorted(torch.zeros(5, 7), idx, src))
 
 
 def test_spectral_path_with_the_sorted_scatter_matches_dense_autograd(monkeypatch):
     """The spectral path with the GPU's scatter (forward and input gradient) still equals the dense Eq. 1."""
-    monkeypatch.setattr(loca, "_add_rows", loca._add_rows_sorted)
+    monkeypatch.setattr(loca, "_add_columns", loca._add_columns_sorted)
     test_every_path_matches_dense_autograd_eq1("spectral", 15, 8)
 
 

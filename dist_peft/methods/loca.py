@@ -30,9 +30,7 @@ One set of sampled products of K serves both gradients.
 Three paths compute the same outputs and gradients (each is tested against a dense autograd Eq. 1):
   spectral  the form above, DCTs by real FFT: O(T (m log m + n log n) + T B) per micro-batch of T tokens. The
             input spectrum is one autograd node shared by the sites that read the same tensor (q/k/v,
-            gate/up), so its DCT and the inverse DCT of its summed gradient run once per input. Spectra are kept
-            frequency-major (P x T) between the transforms, so every gather, scale and scatter of the B
-            coefficients moves whole contiguous rows of T values.
+            gate/up), so its DCT and the inverse DCT of its summed gradient run once per input.
   gathered  the same products with the rows of C and D at the distinct frequencies, built analytically as
             small dense matrices: ΔW x = α C_Rᵀ S_RC (D_C x); costs about a LoRA whose rank is the number of
             distinct rows / columns, so it wins for small B.
@@ -94,7 +92,7 @@ Decisions (specs/loca.md §8):
   optimizer step as well: the ZeRO engines write updated values into storage the parameter's version counter
   does not see.
 - Decision (determinism): every scatter with repeated indices is reproducible on CUDA: the spectral path's
-  row scatter uses the sort-based ``index_put_(accumulate=True)`` there (``_add_rows``; CUDA's
+  column scatter uses the sort-based ``index_put_(accumulate=True)`` there (``_add_columns``; CUDA's
   ``index_add_`` uses atomics), the gathered and dense paths' ``index_put_`` already does, the sampled products
   are gathers and fixed-order sums. Two runs on one GPU give bitwise-equal LoCA outputs and gradients.
 """
@@ -302,35 +300,29 @@ def _take(t: Tensor, sl: slice) -> Tensor:
 
 
 def _columns(t: Tensor, idx: Tensor) -> Tensor:
-    """t[:, idx] for a (tokens x N) tensor (the gathered path's small matrices). Decision: ``gather`` walks the
-    output row by row, reading inside one cache-resident row of ``t``; ``index_select`` along dim 1 copies column
-    by column and is ~4x slower on CPU for unsorted indices."""
+    """t[:, idx] for a (tokens x N) tensor. Decision: ``gather`` walks the output row by row, reading inside one
+    cache-resident row of ``t``; ``index_select`` along dim 1 copies column by column and is ~4x slower on CPU
+    for unsorted indices."""
     return torch.gather(t, 1, idx.expand(t.shape[0], -1))
 
 
-def _freq_major(t: Tensor) -> Tensor:
-    """A (tokens x P) packed spectrum in the frequency-major layout (P x tokens) that the spectral path's gathers,
-    scale and scatter read: each touches whole contiguous rows of T values (one transposing copy, instead of
-    per-element column gathers and scatters, which cost ~6x as much per element on CPU)."""
-    return t.t().contiguous()
-
-
-def _add_rows(z: Tensor, idx: Tensor, src: Tensor) -> Tensor:
-    """z[idx[j]] += src[j] for every j, repeated indices summed (the spectral path's scatter), in place.
-    Decision (determinism): on CPU ``index_add_`` (a serial loop over the rows: deterministic, and the tests'
-    reference); on other devices ``_add_rows_sorted``, because CUDA's ``index_add_`` adds with atomics, in an
-    order that changes from run to run."""
+def _add_columns(z: Tensor, idx: Tensor, src: Tensor) -> Tensor:
+    """z[:, idx[j]] += src[:, j] for every j, repeated indices summed (the spectral path's scatter), in place.
+    Decision (determinism): on CPU ``index_add_`` (a serial loop: deterministic, and the tests' reference); on
+    other devices ``_add_columns_sorted``, because CUDA's ``index_add_`` adds with atomics, in an order that
+    changes from run to run."""
     if z.device.type == "cpu":
-        return z.index_add_(0, idx, src)
-    return _add_rows_sorted(z, idx, src)
+        return z.index_add_(1, idx, src)
+    return _add_columns_sorted(z, idx, src)
 
 
-def _add_rows_sorted(z: Tensor, idx: Tensor, src: Tensor) -> Tensor:
-    """``_add_rows`` by ``index_put_(accumulate=True)``, which CUDA always computes by sorting the B indices and
-    summing each run of equal ones in that order: bitwise reproducible whatever
+def _add_columns_sorted(z: Tensor, idx: Tensor, src: Tensor) -> Tensor:
+    """``_add_columns`` by ``index_put_(accumulate=True)``, which CUDA always computes by sorting the B indices
+    and summing each run of equal ones in that order: bitwise reproducible whatever
     ``torch.use_deterministic_algorithms`` says, at the cost of a sort of B indices per call (the gather and
-    scale already read B x T values)."""
-    return z.index_put_((idx,), src, accumulate=True)
+    scale already read T x B values)."""
+    z.T.index_put_((idx,), src.T, accumulate=True)
+    return z
 
 
 def _central_difference(k_at: Callable, rows: Tensor, cols: Tensor, size: int, axis: int) -> Tensor:
@@ -353,19 +345,18 @@ def _sampled_grads(k_at: Callable, coef: Tensor, plan: _Plan, need: tuple[bool, 
 
 
 class _SpectralInput(torch.autograd.Function):
-    """X̂ = D x of the (zero-padded) local input, packed and frequency-major (P_n x tokens); backward: the local
-    slice of idct_n."""
+    """X̂ = D x of the (zero-padded) local input in the packed layout; backward: the local slice of idct_n."""
 
     @staticmethod
     def forward(ctx, x: Tensor, n: int, sl: slice) -> Tensor:
         ctx.n, ctx.sl, ctx.dtype = n, sl, x.dtype
-        return _freq_major(dct_packed(_pad(x, n, sl)))
+        return dct_packed(_pad(x, n, sl))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         # Only packed slots that a frequency maps to receive gradient (the spectral path writes nowhere else),
-        # so the adjoint of the packed DCT is the packed inverse (ops.dct); its contiguous copy is the transpose.
-        return _take(idct_packed(grad.t(), ctx.n), ctx.sl).to(ctx.dtype), None, None
+        # so the adjoint of the packed DCT is the packed inverse (ops.dct).
+        return _take(idct_packed(grad, ctx.n), ctx.sl).to(ctx.dtype), None, None
 
 
 class _InputSpectra:
@@ -391,23 +382,19 @@ class _InputSpectra:
 
 
 class _SpectralFn(torch.autograd.Function):
-    """ΔW x = α idct_m(S X̂) with X̂ packed and frequency-major (P_n x tokens, ``_freq_major``); backward by
-    sampled products of Ĝ and X̂. α and the packed layout's signs are folded into the B coefficients (no pass over
-    the tokens for them). Passes over the tokens per site and step: forward the row gather, scale and scatter
-    (B x T each) and one transposing copy into the inverse DCT; backward one transposing copy out of the DCT of
-    the output gradient, the row gathers of Ĝ and X̂ with their product (B x T each) and the scale and scatter of
-    Sᵀ Ĝ."""
+    """ΔW x = α idct_m(S X̂) in the packed layout; backward by sampled products of Ĝ and X̂. α and the packed
+    layout's signs are folded into the B coefficients (no pass over the tokens for them)."""
 
     @staticmethod
     def forward(ctx, xhat: Tensor, coef: Tensor, loc: Tensor, plan: _Plan) -> Tensor:
         slot_m, sign_m, slot_n, sign_n = plan.locs.spectral_index()
         rows, cols = plan.locs.rows, plan.locs.cols
-        z = xhat.new_zeros(packed_size(plan.m), xhat.shape[1])
+        z = xhat.new_zeros(xhat.shape[0], packed_size(plan.m))
         scaled = coef * (sign_m[rows] * sign_n[cols] * plan.scale)
-        _add_rows(z, slot_m[rows], xhat.index_select(0, slot_n[cols]).mul_(scaled[:, None]))  # gather, scale, scatter
+        _add_columns(z, slot_m[rows], _columns(xhat, slot_n[cols]).mul_(scaled))  # gather, scale, scatter
         ctx.save_for_backward(xhat, coef)
         ctx.plan = plan
-        return _take(idct_packed(z.t(), plan.m), plan.out_slice)
+        return _take(idct_packed(z, plan.m, overwrite=True), plan.out_slice)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -415,18 +402,18 @@ class _SpectralFn(torch.autograd.Function):
         plan = ctx.plan
         slot_m, sign_m, slot_n, sign_n = plan.locs.spectral_index()
         rows, cols = plan.locs.rows, plan.locs.cols
-        gz = _freq_major(dct_packed(_pad(grad, plan.m, plan.out_slice)))  # Ĝ / α, packed, frequency-major
-        gz_rows = gz.index_select(0, slot_m[rows])
+        gz = dct_packed(_pad(grad, plan.m, plan.out_slice))  # Ĝ / α, packed
+        gz_rows = _columns(gz, slot_m[rows])
 
         def k_at(r: Tensor, c: Tensor) -> Tensor:
-            left = gz_rows if r is rows else gz.index_select(0, slot_m[r])
-            return (left * xhat.index_select(0, slot_n[c])).sum(1).mul_(sign_m[r] * sign_n[c] * plan.scale)
+            left = gz_rows if r is rows else _columns(gz, slot_m[r])
+            return (left * _columns(xhat, slot_n[c])).sum(0).mul_(sign_m[r] * sign_n[c] * plan.scale)
 
         grads = _sampled_grads(k_at, coef, plan, ctx.needs_input_grad)
         g_xhat = None
         if ctx.needs_input_grad[0]:  # Sᵀ Ĝ per token: gather at l̂¹, scale by a, scatter at l̂² (after k_at)
             scaled = coef * (sign_m[rows] * sign_n[cols] * plan.scale)
-            g_xhat = _add_rows(torch.zeros_like(xhat), slot_n[cols], gz_rows.mul_(scaled[:, None]))
+            g_xhat = _add_columns(torch.zeros_like(xhat), slot_n[cols], gz_rows.mul_(scaled))
         return g_xhat, *grads, None
 
 
