@@ -30,10 +30,7 @@ TIMEOUT_S = 300
 """A launch that hangs fails the test here instead of blocking the suite."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = runtime.free_port
 
 
 def _env(**extra: str) -> dict[str, str]:

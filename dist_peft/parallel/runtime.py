@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import random
 import socket
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -74,7 +75,17 @@ def _import_mpi():
     return MPI
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that binds now, drawn below torchrun's default 29500 and Linux's ephemeral range (32768–60999).
+    The OS also hands ephemeral ports out as the source ports of outgoing connections (gloo's, another job's), so an
+    ephemeral port found free can be taken before rank 0 listens ("The server socket has failed to listen on any
+    local network address"); the ephemeral pick is only the fallback."""
+    draw = random.SystemRandom()
+    for _ in range(64):
+        port = draw.randrange(20000, 29400)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("", port))
+            return port
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -116,7 +127,7 @@ def mpi_environment(world_check: Callable[[int], None] | None = None) -> dict[st
     master = None
     if rank == 0:  # a LaunchError here aborts the job (mpi_job), so no rank waits in the bcast
         master = (os.environ.get("MASTER_ADDR") or master_address(hosts),
-                  os.environ.get("MASTER_PORT") or str(_free_port()))
+                  os.environ.get("MASTER_PORT") or str(free_port()))
     addr, port = comm.bcast(master, root=0)
     env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
            "LOCAL_WORLD_SIZE": str(local_world), "MASTER_ADDR": addr, "MASTER_PORT": port}
