@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from dist_peft.methods.base import Controller, ParamLayout, Site, SiteShape, StepContext, register_method
-from dist_peft.methods.lora import LoraAdapter, LoraConfig
+from dist_peft.methods.lora import LoraAdapter, LoraConfig, add_product
 from dist_peft.ops.qr import Reduce, cholesky_qr2, low_rank_svd
 from dist_peft.parallel.grams import sum_partial_grams
 from dist_peft.parallel.shard import ShardKind, ShardSpec
@@ -205,7 +205,7 @@ class _OdForm(torch.autograd.Function):
     Backward, P = GL (T x 2r, scaled by s): ∂x = P Rᵀ, ∂A = P[:, :r]ᵀ x, ∂B = s Gᵀ H[:, r:], ∂base_out = G; no
     gradient is formed for the bases' halves of L and R (autograd through the concatenations would compute the
     full n x 2r and m x 2r products and drop half): 4(m + n)rT forward, 6(m + n)rT backward. The sum and the scale
-    are fused into one addmm; saved: x (the base layer's input, shared) and H."""
+    are fused into one addmm (``lora.add_product``); saved: x (the base layer's input, shared) and H."""
 
     @staticmethod
     def forward(ctx, x: Tensor, base_out: Tensor, a: Tensor, b: Tensor, q_a: Tensor, q_b: Tensor,
@@ -214,10 +214,9 @@ class _OdForm(torch.autograd.Function):
         left = torch.cat([q_b, b], 1).to(x.dtype)  # m x 2r
         x2 = x.reshape(-1, x.shape[-1])
         h = x2 @ right
-        y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, left.mT, alpha=scale)
         ctx.save_for_backward(x, h, left, right)
         ctx.scale, ctx.param_dtypes = scale, (a.dtype, b.dtype)
-        return y.view(base_out.shape)
+        return add_product(base_out, h, left, scale)
 
     @staticmethod
     def backward(ctx, g: Tensor):
