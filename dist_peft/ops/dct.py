@@ -52,6 +52,13 @@ def _reorder(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return perm.to(device), torch.argsort(perm).to(device)
 
 
+def _permute(x: Tensor, perm: Tensor) -> Tensor:
+    """x[..., perm]. Decision: ``gather`` with the expanded index walks the output row by row inside one
+    cache-resident row of ``x``; ``index_select`` along the last dimension was 1.2-2x slower on CPU (N = 192 to
+    1536, 1024 rows), the reorders being ~a fifth of a transform's time."""
+    return torch.gather(x, -1, perm.expand(x.shape))
+
+
 @functools.lru_cache(maxsize=64)
 def _twiddle(n: int, inverse: bool, device: torch.device, dtype: torch.dtype) -> Tensor:
     """w^k · s_k (forward) or w^{-k} / s_k (inverse, real at bins 0 and N/2) for k = 0 .. ⌊N/2⌋, complex."""
@@ -78,7 +85,7 @@ def dct_packed(x: Tensor) -> Tensor:
     """Orthonormal DCT-II along the last dimension, in the packed layout: (..., N) -> (..., 2(⌊N/2⌋+1))."""
     x = x.to(compute_dtype(x.dtype))
     n = x.shape[-1]
-    v = x.index_select(-1, _reorder(n, x.device)[0])
+    v = _permute(x, _reorder(n, x.device)[0])
     z = torch.fft.rfft(v, dim=-1).mul_(_twiddle(n, False, x.device, x.dtype))
     return torch.view_as_real(z).flatten(-2)
 
@@ -91,7 +98,7 @@ def idct_packed(p: Tensor, n: int, overwrite: bool = False) -> Tensor:
     tw = _twiddle(n, True, q.device, q.dtype)
     z = z.mul_(tw) if overwrite or q is not p else z * tw
     v = torch.fft.irfft(z, n=n, dim=-1)
-    return v.index_select(-1, _reorder(n, q.device)[1])
+    return _permute(v, _reorder(n, q.device)[1])
 
 
 def dct(x: Tensor, dim: int = -1) -> Tensor:
