@@ -87,6 +87,7 @@ def test_executed_flops_is_4n_frozen_plus_adapter_and_attention():
     """LoRA on every projection: 4·N_matmul·T + 6·N_lora·T + attention, and recompute adds one forward."""
     from types import SimpleNamespace
 
+    from dist_peft.methods.frod import FrodConfig
     from dist_peft.methods.lora import LoraConfig
 
     s = ModelShape.from_hf(load_preset("llama-3.1-70b"))
@@ -99,6 +100,19 @@ def test_executed_flops_is_4n_frozen_plus_adapter_and_attention():
     full = flop_breakdown(s, T, seq, method, SimpleNamespace(granularity="full", method="uniform", num_layers=1))
     layer_fwd = 2 * T * (s.matmul_params() - s.vocab * s.hidden)
     assert full.recompute == layer_fwd + attn // 3 + 2 * counts.trainable * T
+
+    # Under TP each rank repeats its replicated share of the adapter work: LoRA's A on a column split (x A is
+    # computed whole on every rank), FRoD's d x d latent transform (d is the whole input or output width).
+    tp = 8
+    lora_tp = flop_breakdown(s, T, seq, method, tensor=tp)
+    col = sum(s.site_dims()[t][1] for t in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    row = sum(s.site_dims()[t][0] for t in ("o_proj", "down_proj"))
+    replicated = 16 * (col + row) * s.layers  # r · (the unsplit side) per layer, on every rank
+    assert lora_tp.adapter_forward == full.adapter_forward + 2 * T * replicated * (tp - 1)
+    frod = SimpleNamespace(name="frod", options=FrodConfig(path="transform"), target_modules=("q_proj",))
+    assert (flop_breakdown(s, T, seq, frod, tensor=tp).adapter_forward
+            == tp * flop_breakdown(s, T, seq, frod).adapter_forward == tp * 4 * s.hidden ** 2 * T * s.layers
+            + tp * 2 * T * s.layers * (s.hidden + int(0.01 * s.hidden ** 2)))
 
 
 def _site(module_type, m, n, spec):

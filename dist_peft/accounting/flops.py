@@ -91,20 +91,23 @@ def recomputed_fraction(recompute: Any, layers_per_stage: int) -> float:
 
 
 def flop_breakdown(shape: ModelShape, tokens: int, seq_len: int, method: Any = None, recompute: Any = None,
-                   pipeline: int = 1) -> FlopBreakdown:
+                   pipeline: int = 1, tensor: int = 1) -> FlopBreakdown:
     """Executed FLOPs of one step over ``tokens`` tokens, whole model (all ranks together).
 
     ``method``: the run's ``method`` section (``.name``, ``.options``, ``.target_modules``); None: no adapters
     (the frozen model's forward and input-gradient backward, the 4N bound). ``recompute``: the run's
-    ``recompute`` section or None; ``pipeline`` the stages (for ``method: block``)."""
+    ``recompute`` section or None; ``pipeline`` the stages (for ``method: block``); ``tensor`` the TP size.
+    Decision: the adapters' work is ``tensor`` × one rank's (``extra_flops`` of the rank's ``SiteShape``), not the
+    unsplit site's: what every TP rank repeats (FRoD's d × d transforms, LoCA's full-length DCTs, LoRA's
+    replicated factor) is executed ``tensor`` times, and a per-rank figure (÷ TP × PP) must keep it whole."""
     attn = attention_flops(shape, tokens, seq_len)
     a_fwd = a_bwd = step = 0
     if method is not None:
         cls = adapter_class(method)
-        for site in target_sites(shape, method.target_modules):
+        for site in target_sites(shape, method.target_modules, tensor):
             fwd, bwd = cls.extra_flops(site, tokens, method.options)
-            a_fwd, a_bwd = a_fwd + fwd * site.layers, a_bwd + bwd * site.layers
-            step += cls.step_flops(site, method.options) * site.layers
+            a_fwd, a_bwd = a_fwd + fwd * site.layers * tensor, a_bwd + bwd * site.layers * tensor
+            step += cls.step_flops(site, method.options) * site.layers * tensor
     layer_gemm = 2 * tokens * shape.layers * sum(m * n for m, n in shape.site_dims().values())
     frac = recomputed_fraction(recompute, shape.layers // pipeline)
     again = frac * (layer_gemm + attn / 3 + a_fwd)
@@ -117,9 +120,9 @@ def flop_breakdown(shape: ModelShape, tokens: int, seq_len: int, method: Any = N
 
 
 def executed_flops(shape: ModelShape, tokens: int, seq_len: int, method: Any = None, recompute: Any = None,
-                   pipeline: int = 1) -> int:
+                   pipeline: int = 1, tensor: int = 1) -> int:
     """The total of ``flop_breakdown``: what the hardware executes in one step (HFU's numerator)."""
-    return flop_breakdown(shape, tokens, seq_len, method, recompute, pipeline).total
+    return flop_breakdown(shape, tokens, seq_len, method, recompute, pipeline, tensor).total
 
 
 @dataclass(frozen=True)

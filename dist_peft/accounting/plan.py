@@ -65,7 +65,7 @@ def make_plan(shape: ModelShape, method: Any, layout: Layout, gpu: Gpu) -> Plan:
     recompute = None if layout.recompute == "none" else dataclasses.make_dataclass(
         "R", ["granularity", "method", "num_layers"])(layout.recompute, "uniform", None)
     plan = Plan(layout, stages, model_flops(shape, tokens, layout.seq_len),
-                executed_flops(shape, tokens, layout.seq_len, method, recompute, layout.pp),
+                executed_flops(shape, tokens, layout.seq_len, method, recompute, layout.pp, layout.tp),
                 [] if problems else step_collectives(shape, method, layout), 0.0, 0.0, problems)
     for s in stages:
         if s.total > gpu.usable_bytes:
@@ -92,7 +92,7 @@ def step_time(shape: ModelShape, method: Any, layout: Layout, gpu: Gpu, recomput
     """The roofline of ``roofline.py`` for one optimizer step."""
     lay = layout
     t_mb = lay.micro_batch * lay.seq_len
-    fb = flop_breakdown(shape, t_mb, lay.seq_len, method, recompute, lay.pp)
+    fb = flop_breakdown(shape, t_mb, lay.seq_len, method, recompute, lay.pp, lay.tp)
     per_rank = lay.tp * lay.pp
     compute = (fb.total - fb.between_steps) / per_rank / (gpu.peak_flops * gpu.gemm_efficiency)
     reads = (3 if lay.recompute == "full" else 2) * lay.weight_bytes * shape.matmul_params() / per_rank

@@ -35,11 +35,12 @@ def device_peak(device_name: str | None, override_tflops: float | None = None) -
 def step_flops(shape: ModelShape, cfg: Any, tokens: int, adapters: bool = True) -> dict[str, Any]:
     """Model and executed FLOPs of one step of ``cfg`` over ``tokens`` tokens (all data-parallel ranks);
     ``adapters=False``: the frozen model alone (the floor)."""
-    seq, pipeline = cfg.data.seq_len, cfg.parallel.pipeline if cfg.parallel else 1
+    seq = cfg.data.seq_len
+    pipeline, tensor = (cfg.parallel.pipeline, cfg.parallel.tensor) if cfg.parallel else (1, 1)
     method = cfg.method if adapters else None
-    parts = flop_breakdown(shape, tokens, seq, method, cfg.recompute, pipeline)
+    parts = flop_breakdown(shape, tokens, seq, method, cfg.recompute, pipeline, tensor)
     return {"model": model_flops(shape, tokens, seq),
-            "executed": executed_flops(shape, tokens, seq, method, cfg.recompute, pipeline),
+            "executed": executed_flops(shape, tokens, seq, method, cfg.recompute, pipeline, tensor),
             "executed_breakdown": dataclasses.asdict(parts)}
 
 
