@@ -23,10 +23,16 @@ init) and instead of form P (replace W0 by a stored U_i, a second m × n copy).
 Decision (issue 16, ``path``): two exact computations of form M, chosen per site and per forward from its token
 count T (``path: auto``, by the FLOP count the accounting reads too: ``path_flops``); either can be forced:
   transform  the latent transform per token (above): 8d²T + O(|S|T) extra FLOPs, nothing per step;
-  merged     K = F N̂ᵀ F⁻¹ (d × d) and W′ = W(I + Kᵀ) (input side) or (I + Kᵀ)W (output side) built once per
-             forward, y = W′x + b in place of the base matmul; backward ∂x = G W′, one weight-gradient GEMM
-             ∂W′ = GᵀX, projected to ∂K = ∂W′ᵀW (or W∂W′ᵀ) and to Σ/S by a sampled product (ops/sparse_latent.py):
-             2mnT + 6mnd + 4d³ extra, so it wins once T is a few d (m = n = d: T > 5d/3).
+  merged     W′ = W(I + Kᵀ) = W + (W F⁻ᵀ) N̂ Fᵀ (input side) or (I + Kᵀ)W = W + F⁻ᵀ N̂ᵀ (Fᵀ W) (output side),
+             K = F N̂ᵀ F⁻¹, built once per forward from the site's local W block, y = W′x + b in place of the base
+             matmul; backward ∂x = G W′, one weight-gradient GEMM ∂W′ = GᵀX, projected to Σ/S by a sampled
+             product (ops/sparse_latent.py): 2mnT + 10mnd extra (m × n local), so it wins once T is a few d
+             (m = n = d: T > 5d/3), and at once where the local block is small: k/v (m < d), any TP split.
+  Decision (merged, issue 16): ΔW = (W F⁻ᵀ) N̂ Fᵀ, not W Kᵀ through the d × d K (2d³ per build and per
+             projection): the factored form costs 4mnd per build, the same as through K when m = n = d, less
+             for k/v (SmolLM2: m = 192 against d = 576) and under TP (m or n split, d whole: K's 2d³ would be
+             repeated on every rank, ΔW = L N̂ R is split with W); it gives up only wide local blocks
+             (mn > d², gate/up on one rank), where the transform is chosen anyway.
   W′ is rebuilt in backward, not saved: no second m × n copy of a weight lives through the forward.
   The merged path runs the site's linear itself (F.linear of the site's weight and bias, the base's own math), so
   it needs the whole local weight: under ZeRO-3, whose partitioned weight only the base layer's own forward
@@ -61,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dist_peft.methods.base import Adapter, ParamLayout, Site, SiteShape, register_method
-from dist_peft.ops.sparse_latent import (CsrPattern, csr_pattern, latent_matrix, latent_update, merged_linear,
+from dist_peft.ops.sparse_latent import (CsrPattern, csr_pattern, latent_update, merged_linear,
                                          off_diagonal_pattern, with_diagonal)
 from dist_peft.parallel.hjd_cache import hjd_bases
 from dist_peft.parallel.shard import ShardKind, ShardSpec
@@ -73,12 +79,12 @@ PATHS = ("auto", "transform", "merged")
 def path_flops(m: int, n: int, d: int, k: int, tokens: int) -> dict[str, tuple[int, int]]:
     """(forward, backward) FLOPs beyond the base linear of each path for ``tokens`` tokens through a site whose
     local weight is m × n, latent dimension d, |S| = k (module docstring; ops/sparse_latent.py). transform: 4d² +
-    2(d + k) per token forward, 4d² + 4(d + k) backward. merged: K (2d³ + 2(d + k)d) and W′ (2mnd) forward; W′
-    rebuilt (2mnd), ∂W′ = GᵀX (2mnT), ∂K (2mnd) and the sampled projection (2d³ + 2(d + k)d) backward."""
+    2(d + k) per token forward, 4d² + 4(d + k) backward. merged: ΔW = L N R built (4mnd + 2m(d + k)) forward;
+    rebuilt, ∂W′ = GᵀX (2mnT), ∂W′ Rᵀ (2mnd) and the sampled product (2m(d + k)) backward."""
     nnz = d + k
-    small = 2 * d ** 3 + 2 * nnz * d
+    build = 4 * m * n * d + 2 * m * nnz
     return {"transform": ((4 * d * d + 2 * nnz) * tokens, (4 * d * d + 4 * nnz) * tokens),
-            "merged": (small + 2 * m * n * d, small + 2 * m * n * tokens + 4 * m * n * d)}
+            "merged": (build, build + 2 * m * n * tokens + 2 * m * n * d + 2 * m * nnz)}
 
 
 def choose_path(path: str, m: int, n: int, d: int, k: int, tokens: int) -> str:
@@ -208,9 +214,8 @@ class FrodAdapter(Adapter):
     def _merged(self, x: Tensor) -> Tensor:
         """y = W′x + b, W′ = W(I + Kᵀ) (input side) or (I + Kᵀ)W (output side), K = F N̂ᵀ F⁻¹ (or F N̂ F⁻¹)."""
         b = self.basis
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        k = latent_matrix(b.first.to(dtype), b.first_inv.to(dtype), self._values(), b.pattern)
-        return merged_linear(x, k, self.site.weight, self.site.bias, b.side)
+        return merged_linear(x, self._values(), self.site.weight, self.site.bias, b.first, b.first_inv, b.pattern,
+                             b.side)
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
         """The contract's additive form (the transform path): base_out + W(x̃ − x) (input side), or the output

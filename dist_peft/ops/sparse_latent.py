@@ -119,68 +119,58 @@ def latent_update(a: Tensor, first: Tensor, first_inv: Tensor, values: Tensor, p
     return _LatentUpdate.apply(a, first, first_inv, values, pattern)
 
 
-class _LatentMatrix(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, first: Tensor, first_inv: Tensor, values: Tensor, pattern: CsrPattern) -> Tensor:
-        d = first.shape[0]
-        with torch.autocast(first.device.type, enabled=False):
-            n_t = _csr(pattern.t_crow, pattern.t_cols, values[pattern.t_perm], d)  # Nᵀ in CSR
-            k = first @ (n_t @ first_inv)
-        ctx.save_for_backward(first, first_inv)
-        ctx.pattern = pattern
-        return k
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        first, first_inv = ctx.saved_tensors
-        p, d = ctx.pattern, first.shape[0]
-        with torch.autocast(g.device.type, enabled=False):
-            left = first_inv @ g.to(first.dtype).T  # F⁻¹ ∂Kᵀ
-            template = _csr(p.crow, p.cols, first.new_zeros(p.cols.numel()), d)
-            d_values = torch.sparse.sampled_addmm(template, left, first, beta=0.0).values()
-        return None, None, d_values, None
+def _factors(weight: Tensor, first: Tensor, first_inv: Tensor, side: str) -> tuple[Tensor, Tensor]:
+    """(Lᵀ, R) of ΔW = L N R (``merged_linear``): input side L = W F⁻ᵀ, R = Fᵀ; output side L = F⁻ᵀ, R = Fᵀ W."""
+    w = weight.to(first.dtype)
+    return (first_inv @ w.T, first.T) if side == "input" else (first_inv, first.T @ w)
 
 
-def latent_matrix(first: Tensor, first_inv: Tensor, values: Tensor, pattern: CsrPattern) -> Tensor:
-    """K = F Nᵀ F⁻¹ (d × d, in F's dtype), the matrix of the latent update (a ↦ a K), differentiable in values:
-    ∂v_k = (F⁻¹ ∂Kᵀ F) sampled at (p_k, q_k). Cost: 2d³ + 2|P|d forward, 2d³ + 2|P|d backward."""
-    return _LatentMatrix.apply(first, first_inv, values.to(first.dtype), pattern)
-
-
-def _merged(weight: Tensor, k: Tensor, side: str) -> Tensor:
-    w = weight.to(k.dtype)
-    return torch.addmm(w, w, k.T) if side == "input" else torch.addmm(w, k.T, w)
+def _merged_weight(weight: Tensor, lt: Tensor, r: Tensor, values: Tensor, pattern: CsrPattern) -> Tensor:
+    """W′ = W + (L N) R, with (L N)ᵀ = Nᵀ Lᵀ by the CSR of Nᵀ (d × m) and one dense product."""
+    ln_t = _csr(pattern.t_crow, pattern.t_cols, values[pattern.t_perm], lt.shape[0]) @ lt
+    return torch.addmm(weight.to(lt.dtype), ln_t.T, r)
 
 
 class _MergedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, k: Tensor, weight: Tensor, bias: Tensor | None, side: str) -> Tensor:
+    def forward(ctx, x: Tensor, values: Tensor, weight: Tensor, bias: Tensor | None, first: Tensor,
+                first_inv: Tensor, pattern: CsrPattern, side: str) -> Tensor:
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(x.device.type, enabled=False):
-            merged = _merged(weight, k, side).to(x.dtype)
-            y = torch.nn.functional.linear(x, merged, None if bias is None else bias.to(x.dtype))
-        ctx.save_for_backward(x, k, weight)  # not W′: it is rebuilt (module docstring)
-        ctx.side = side
+            first, first_inv, vals = (t.to(dtype) for t in (first, first_inv, values))
+            merged = _merged_weight(weight, *_factors(weight, first, first_inv, side), vals, pattern)
+            y = torch.nn.functional.linear(x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        ctx.save_for_backward(x, vals, weight, first, first_inv)  # not W′: it is rebuilt (module docstring)
+        ctx.pattern, ctx.side, ctx.values_dtype = pattern, side, values.dtype
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, k, weight = ctx.saved_tensors
+        x, vals, weight, first, first_inv = ctx.saved_tensors
+        p = ctx.pattern
         with torch.autocast(g.device.type, enabled=False):
-            merged = _merged(weight, k, ctx.side)
-            g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-            d_x = (g @ merged.to(g.dtype)) if ctx.needs_input_grad[0] else None
-            d_merged = g2.T.to(k.dtype) @ x2.to(k.dtype)  # ∂W′ = Gᵀ X, the one weight-gradient GEMM
-            w = weight.to(k.dtype)
-            d_k = d_merged.T @ w if ctx.side == "input" else w @ d_merged.T
-        return d_x, d_k, None, None, None
+            lt, r = _factors(weight, first, first_inv, ctx.side)
+            d_x = None
+            if ctx.needs_input_grad[0]:
+                d_x = g @ _merged_weight(weight, lt, r, vals, p).to(g.dtype)
+            g2, x2 = g.reshape(-1, g.shape[-1]).to(lt.dtype), x.reshape(-1, x.shape[-1]).to(lt.dtype)
+            right = (g2.T @ x2) @ r.T  # ∂W′ Rᵀ, ∂W′ = Gᵀ X the one weight-gradient GEMM
+            template = _csr(p.crow, p.cols, torch.zeros_like(vals), lt.shape[0])
+            d_values = torch.sparse.sampled_addmm(template, lt, right, beta=0.0).values()
+        return d_x, d_values.to(ctx.values_dtype), None, None, None, None, None, None
 
 
-def merged_linear(x: Tensor, k: Tensor, weight: Tensor, bias: Tensor | None, side: str) -> Tensor:
-    """y = x W′ᵀ + b with W′ = W (I + Kᵀ) (side "input": the transform a ↦ a K acts on x) or W′ = (I + Kᵀ) W
-    ("output": it acts on the bias-free output), differentiable in x and K (W and b are frozen).
+def merged_linear(x: Tensor, values: Tensor, weight: Tensor, bias: Tensor | None, first: Tensor, first_inv: Tensor,
+                  pattern: CsrPattern, side: str) -> Tensor:
+    """y = x W′ᵀ + b, the latent update merged into the (local) weight, differentiable in x and the values of N:
 
-    W′ is built in K's dtype (fp32, or fp64 for fp64 K) and used in x's dtype; it is not saved for backward (an
-    m × n tensor per site alive through the forward would hold a second copy of every adapted weight) but rebuilt
-    there. Backward: ∂x = G W′, ∂W′ = Gᵀ X (fp32), ∂K = ∂W′ᵀ W (input) or W ∂W′ᵀ (output). Cost beyond the base
-    linear: 2mnT (∂W′) + 2mnd per build (two) + 2mnd (∂K), d the latent dimension."""
-    return _MergedLinear.apply(x, k, weight, bias, side)
+        side "input":  W′ = W (I + Kᵀ) = W + (W F⁻ᵀ) N Fᵀ     (K = F Nᵀ F⁻¹: the transform a ↦ a K acts on x)
+        side "output": W′ = (I + Kᵀ) W = W + F⁻ᵀ N (Fᵀ W)     (it acts on the bias-free output)
+
+    i.e. ΔW = L N R, built as (Nᵀ Lᵀ)ᵀ R with W's local block: 4mnd + 2m|P| FLOPs (m × n the local W, d the
+    latent dimension), never the d × d matrix K (2d³, the same on every tensor-parallel rank, where ΔW = L N R
+    splits with W). Backward: ∂x = G W′, ∂W′ = Gᵀ X, ∂N = Lᵀ ∂W′ Rᵀ sampled on the pattern (SDDMM):
+    2mnT + 6mnd + 4m|P| with the rebuild. W′ is built in fp32 (fp64 for fp64 x) and used in x's dtype; it is not
+    saved for backward (an m × n tensor per site alive through the forward would hold a second copy of every
+    adapted weight) but rebuilt there."""
+    return _MergedLinear.apply(x, values, weight, bias, first, first_inv, pattern, side)
