@@ -1,15 +1,19 @@
 """``dist-peft compare`` on the tiny model: the report and plots, resuming a killed compare without rerunning
-finished runs, budget matching and its clear error, and claims decided within seed noise never called wins."""
+finished runs, budget matching and its clear error, claims decided within seed noise never called wins, and
+seeds that also vary the training order (held-out sets fixed, exact resume)."""
 
 import json
 
 import pytest
+import torch
 import yaml
 
 from dist_peft.cli import main
 from dist_peft.compare import claims
 from dist_peft.compare.spec import load_spec, trainable_count
-from dist_peft.train.config import ConfigError
+from dist_peft.train.checkpoint import latest_checkpoint
+from dist_peft.train.config import ConfigError, from_dict
+from dist_peft.train.data import build_data
 from dist_peft.train.loop import Trainer
 
 
@@ -85,3 +89,47 @@ def test_a_difference_within_seed_noise_is_not_a_win():
     assert claims._verdict([1.0, 1.01, 0.99], [2.0, 2.01, 1.99], True)[0] == "supported"
     assert claims._verdict([2.0, 2.01, 1.99], [1.0, 1.01, 0.99], True)[0] == "contradicted"
     assert claims._verdict([1.0], [2.0], True)[0] == "not separable at this scale"  # one seed decides nothing
+
+
+def _orders(spec, seed, examples=64):
+    """The first training examples' rows (in order) and the held-out sets of one seed's run config."""
+    cfg = spec.run_config(spec.entries[0], seed)
+    train, evals, order = build_data(cfg.data, None, 256)
+    return [train[order.index(k)]["input_ids"] for k in range(examples)], \
+        {name: ds["input_ids"] for name, ds in evals.items()}
+
+
+def test_vary_data_order_draws_a_training_order_per_seed_keeps_held_out_sets_and_resumes_exactly(tmp_path):
+    synthetic = {"source": "synthetic", "seq_len": 16, "eval_examples": 8}
+    tasks = {"seq_len": 16, "eval_examples": 8, "tasks": [{"name": "a", "source": "synthetic"},
+                                                          {"name": "b", "source": "synthetic", "seed": 3}]}
+    for data in (synthetic, tasks):
+        base = yaml.safe_load(_write(tmp_path).read_text())["base"]
+        fixed = load_spec(_write(tmp_path, base={**base, "data": data}))
+        varied = load_spec(_write(tmp_path, base={**base, "data": data}, vary_data_order=True))
+        assert not fixed.vary_data_order and _orders(fixed, 0) == _orders(fixed, 1)  # the default: seeds share it
+        (order0, held0), (order1, held1) = _orders(varied, 0), _orders(varied, 1)
+        assert order0 != order1 and held0 == held1 and held0 == _orders(fixed, 0)[1]
+    for bad, match in ((dict(vary_data_order="yes"), "vary_data_order: true or false"),
+                       (dict(vary_data_order=True, set={"data.order_seed": 4}), "entry lora sets data.order_seed")):
+        with pytest.raises(ConfigError, match=match):
+            load_spec(_write(tmp_path, **bad))
+    # resume: the order seed is part of the checkpointed config, so 2 + 2 steps equal 4 straight, and a resume
+    # under another order seed is refused
+    spec = load_spec(_write(tmp_path, vary_data_order=True))
+
+    def trainer(folder, steps, seed=1, **kw):
+        d = spec.run_config(spec.entries[0], seed, steps).to_dict()
+        d["output"]["dir"] = str(tmp_path / folder)
+        return Trainer(from_dict(d), echo=lambda m: None, **kw)
+
+    straight = trainer("straight", 4)
+    straight.run()
+    trainer("cut", 2).run()
+    with pytest.raises(ValueError, match="data.order_seed"):
+        trainer("cut", 4, seed=2, resume=latest_checkpoint(tmp_path / "cut"))
+    resumed = trainer("cut", 4, resume=latest_checkpoint(tmp_path / "cut"))
+    resumed.run()
+    losses = [[r["loss"] for r in t.history if "loss" in r] for t in (straight, resumed)]
+    assert len(losses[0]) == 4 and losses[1] == losses[0][2:]
+    assert all(torch.equal(p, straight.params[n]) for n, p in resumed.params.items())

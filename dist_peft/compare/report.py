@@ -107,7 +107,10 @@ def markdown(spec: Any, results: dict[str, list[dict]], prof: dict[str, Any] | N
     metrics = [k for k in ("eval_loss", "eval_ppl", "eval_accuracy") if k in first["eval_after"]]
     lines = [f"# Compare: {len(results)} entries × {len(spec.seeds)} seed(s) {list(spec.seeds)}", "",
              f"Budget rule: **{spec.rule}**" + (f" (reference {spec.reference})" if spec.rule != "steps" else "")
-             + (f", {spec.seconds:g} s" if spec.seconds else "") + ". Held-out figures are mean ± std over seeds.", ""]
+             + (f", {spec.seconds:g} s" if spec.seconds else "") + ". Held-out figures are mean ± std over seeds.",
+             "", "Seeds set the adapters' initialisation" + (
+                 " and the training data order (the held-out sets are fixed)." if spec.vary_data_order
+                 else "; the data order and the held-out sets are fixed."), ""]
     head = ["entry", "method", "size", "trainable", "steps"] + [m[5:] for m in metrics]
     ranked = any(r["update_rank"] for runs in results.values() for r in runs)
     if ranked:

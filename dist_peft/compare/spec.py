@@ -7,12 +7,19 @@
       - {label: loca-fixed, method: {name: loca, alternate_until: 0}, set: {train.lr: 0.01}}
     budget: {rule: trainable_params, reference: lora, tolerance: 0.05}    # or {rule: steps}, {rule: wall_time, seconds: 600}
     seeds: [0, 1, 2]
+    vary_data_order: false                          # true: each seed also draws its own training order
     profile: {steps: 4, warmup: 1}                  # the interleaved step-time run; false: none
     output: {dir: runs/compare-smollm2}
 
 Every entry's run config is the base with the entry's method section (its ``target_modules`` default to the base
 method's) and ``set`` overrides, then the budget rule, then ``train.seed`` and ``output.dir`` per seed. Everything
 is checked here, before a model is built; an unmeetable budget is one ConfigError naming the entry.
+
+Decision (seeds): ``train.seed`` sets the adapters' initialisation only; the data's split and order are the base's,
+so a method whose initialisation ignores the seed (FRoD) gives identical runs. ``vary_data_order: true`` also sets
+``data.order_seed`` (every task's too) to the run's seed: each seed trains on its own order of the same training
+examples, and the held-out sets (drawn by ``data.seed``) stay the same. Default false: earlier compare files keep
+their meaning.
 """
 
 from __future__ import annotations
@@ -47,10 +54,15 @@ class CompareSpec:
     profile_steps: int
     profile_warmup: int
     out: Path
+    vary_data_order: bool = False
+    """Each run's ``data.order_seed`` (and its tasks') is its seed: the training order varies with the seed."""
 
     def run_config(self, entry: Entry, seed: int, steps: int | None = None) -> RunConfig:
         d = entry.cfg.to_dict()
         d["train"] = {**d["train"], "seed": seed, "progress": False, **({"steps": steps} if steps else {})}
+        if self.vary_data_order:
+            for source in (d["data"], *d["data"].get("tasks", ())):
+                source["order_seed"] = seed
         d["output"] = {**d["output"], "dir": str(self.run_dir(entry.label, seed))}
         return from_dict(d)
 
@@ -68,7 +80,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Comp
     """Read and check a compare file; ``overrides`` (``--set``) apply to every entry's run config."""
     path = Path(path)
     raw = _mapping(read_yaml(path), "compare")
-    unknown = set(raw) - {"base", "set", "entries", "budget", "seeds", "profile", "output"}
+    unknown = set(raw) - {"base", "set", "entries", "budget", "seeds", "vary_data_order", "profile", "output"}
     if unknown:
         raise ConfigError(f"compare: unknown key(s) {', '.join(sorted(unknown))}")
     base = raw.get("base")
@@ -122,6 +134,14 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Comp
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) \
             or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds: a non-empty list of distinct integers, got {seeds!r}")
+    vary = raw.get("vary_data_order", False)
+    if not isinstance(vary, bool):
+        raise ConfigError(f"vary_data_order: true or false, got {vary!r}")
+    fixed = [e.label for e in entries
+             if vary and any(s.order_seed is not None for s in (e.cfg.data, *e.cfg.data.tasks))]
+    if fixed:
+        raise ConfigError(f"vary_data_order: it sets data.order_seed to each run's seed, but entry {fixed[0]} sets "
+                          f"data.order_seed itself (remove it from the base or the entry's set)")
     prof = raw.get("profile", {})
     if prof is False:
         prof = {"steps": 0}
@@ -136,7 +156,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Comp
         raise ConfigError("output.dir: required (the compare's folder)")
     if rule == "trainable_params":
         entries = match_trainable(entries, reference, float(tolerance))
-    return CompareSpec(tuple(entries), tuple(seeds), rule, reference, seconds, steps, warmup, Path(out))
+    return CompareSpec(tuple(entries), tuple(seeds), rule, reference, seconds, steps, warmup, Path(out), vary)
 
 
 def trainable_count(cfg: RunConfig) -> int:

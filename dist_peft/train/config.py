@@ -115,11 +115,19 @@ class SourceConfig:
     """Use at most this many training examples (blocks for causal_lm)."""
     seed: int = 0
     """Seed of the train/eval split and of the epoch order."""
+    order_seed: int | None = None
+    """Seed of the training order alone (epoch permutations; with ``tasks``, the mixture too), leaving the split and
+    so the held-out set as ``seed`` draws them (``dist-peft compare``'s ``vary_data_order``); None: ``seed``."""
     text_field: str = "text"
     prompt_field: str = "prompt"
     response_field: str = "response"
     label_field: str = "label"
     synthetic_examples: int = 256
+
+    @property
+    def epoch_seed(self) -> int:
+        """The seed of the training order: ``order_seed``, else ``seed``."""
+        return self.seed if self.order_seed is None else self.order_seed
 
     def __post_init__(self) -> None:
         _positive(self, "seq_len", "max_examples", "synthetic_examples")
@@ -406,6 +414,9 @@ class RunConfig:
                 del d[section]
         if d.get("parallel") and not d["parallel"]["sequence_parallel"]:
             del d["parallel"]["sequence_parallel"]
+        for source in (d["data"], *d["data"].get("tasks", ())):  # no order_seed: the earlier dict
+            if source["order_seed"] is None:
+                del source["order_seed"]
         if d["model"]["preset"] is None:  # configs without a preset keep their earlier dict
             del d["model"]["preset"]
         if d["model"]["tiny"]["head_dim"] is None:

@@ -281,8 +281,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_key(cfg: SourceConfig, tokenizer) -> str:
     """The cache folder name of a source's tokenized splits: tokenizer + data + the settings that shape them
-    (``max_examples``, task names and weights are applied after the cache and are not part of it)."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("max_examples", "name", "weight")}
+    (``max_examples``, task names and weights and the training order's ``order_seed`` are applied after the cache
+    and are not part of it)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("max_examples", "name", "weight", "order_seed")}
     material = [CACHE_VERSION, tokenizer_fingerprint(tokenizer), source_fingerprint(cfg), settings]
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -372,14 +374,14 @@ def build_data(cfg: DataConfig, tokenizer, vocab_size: int, cache_dir: Path | No
             echo = lambda _m: None  # noqa: E731
     if not cfg.tasks:
         train, evl = build_datasets(cfg, tokenizer, vocab_size, cache_dir, echo)
-        return train, {"": evl}, BatchOrder(len(train), cfg.seed)
+        return train, {"": evl}, BatchOrder(len(train), cfg.epoch_seed)
     trains, evals = [], {}
     for t, task in enumerate(cfg.tasks):
         train, evl = build_datasets(task, tokenizer, vocab_size, cache_dir, echo)
         trains.append(train.add_column("task_id", np.full(len(train), t, dtype=np.int64)))
         evals[task.name] = evl.add_column("task_id", np.full(len(evl), t, dtype=np.int64))
-    order = MixedOrder([len(d) for d in trains], [task.weight for task in cfg.tasks], [task.seed for task in cfg.tasks],
-                       cfg.seed)
+    order = MixedOrder([len(d) for d in trains], [task.weight for task in cfg.tasks],
+                       [task.epoch_seed for task in cfg.tasks], cfg.epoch_seed)
     return datasets.concatenate_datasets(trains), evals, order
 
 
