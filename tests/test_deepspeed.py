@@ -166,6 +166,21 @@ def _hook_collectives(root, stage, layers) -> dict:
     return {"counts": counts, "tensors": len(t.params)}
 
 
+def _traced_steps(trainer) -> list[dict[str, int]]:
+    """Filled while ``trainer`` runs: the traced collective calls (``collectives.TRACE``, ours only) of each step."""
+    steps, step = [], trainer.train_step
+
+    def traced():
+        collectives.TRACE.reset()
+        try:
+            return step()
+        finally:
+            steps.append(collectives.TRACE.reset()["calls"])
+
+    trainer.train_step = traced
+    return steps
+
+
 def _bf16_run(root, name, stage):
     """A bf16 run of the method under ZeRO `stage` on WORLD ranks: logits at init through the engine, the dtypes of
     the trainable tensors and of DeepSpeed's reductions, and the record."""
@@ -285,8 +300,10 @@ def _zero_runs(root: str) -> dict:
         zero = ZERO3 if stage == 3 else {"zero_stage": stage}
         t = Trainer(_cfg(f"{root}/z{stage}", WORLD, zero), echo=lambda m: None)
         state = record_state_bytes(t)
+        traced = _traced_steps(t)
         t.run()
-        out[f"z{stage}"] = {**_record(t), "state": state, "planned_state": planned_state_bytes(t.cfg, WORLD, 0)}
+        out[f"z{stage}"] = {**_record(t), "state": state, "planned_state": planned_state_bytes(t.cfg, WORLD, 0),
+                            "traced": traced}
     out["z3"]["probe"] = _probe_logits(t)
     out["z3"]["access"] = _zero3_access(t)
     t = Trainer(_cfg(f"{root}/bf16", WORLD, {"zero_stage": 2}, train={**TRAIN, "precision": "bf16"}),
@@ -310,11 +327,17 @@ def _zero_runs(root: str) -> dict:
             try:
                 t = Trainer(_method_cfg(root, WORLD, name, stage), echo=lambda m: None)
                 state = record_state_bytes(t)
+                traced = _traced_steps(t)
                 t.run()
                 out[name, stage] = {**_record(t), "state": state,
-                                    "planned_state": planned_state_bytes(t.cfg, WORLD, 0)}
+                                    "planned_state": planned_state_bytes(t.cfg, WORLD, 0), "traced": traced}
             except Exception as e:  # noqa: BLE001 — handed to the test
                 out[name, stage] = f"{type(e).__name__}: {e}"
+    for stage in (2, 3):  # LoCA's hook on whole gradients, as before issue 16
+        t = Trainer(_method_cfg(f"{root}/whole", WORLD, "loca", stage), echo=lambda m: None)
+        t.controller.gradient_access = lambda step: "whole"
+        t.run()
+        out["loca-whole", stage] = _record(t)
     for name in BF16_METHODS:
         for stage in STAGES:
             try:
@@ -376,6 +399,33 @@ def test_collectives_per_zero_controller_hook_do_not_grow_with_the_layers(zero_r
         assert set(few["counts"]) == {"before_optimizer_step", "after_optimizer_step"}
         assert few["counts"] == many["counts"], (stage, few, many)
         assert max(few["counts"].values()) <= 3, (stage, few)
+
+
+def test_zero2_hooks_without_whole_gradients_add_no_collective(zero_runs):
+    """Under ZeRO-2 the traced collectives (``collectives.TRACE``) of every step of LoCA (``gradient_access``
+    local: it drops a tensor's gradient and clamps loca_loc's elementwise, on this rank's part) and of FO-LoRA's
+    steps without a refit (none) are LoRA's, the loop's 2 step scalars: the controller view adds no collective
+    (before issue 16 it added one all-reduce of the whole adapter gradient per step). FO-LoRA's refit steps (2 and
+    5) read whole gradients: one all-gather of the fragments (the first time also the fragment layout's
+    all_gather_object), not an all-reduce of a zero-filled whole. LoCA's run on local gradients is bitwise its
+    run on whole ones (ZeRO-2 and ZeRO-3)."""
+    _, results = zero_runs
+    for r in results.values():
+        lora = r["z2"]["traced"]
+        assert lora == [{"all_reduce": 2}] * TRAIN["steps"], lora
+        assert r["loca", 2]["traced"] == lora[:1] * METHOD_TRAIN["steps"], r["loca", 2]["traced"]
+        folora = r["folora", 2]["traced"]
+        assert len(folora) == METHOD_TRAIN["steps"]
+        for step, calls in enumerate(folora):
+            if step in (2, 5):
+                assert calls["all_gather"] == 1 and calls.get("all_gather_object", 0) == (step == 2), (step, calls)
+            else:
+                assert calls == lora[0], (step, calls)
+        for stage in (2, 3):
+            local, whole = r["loca", stage], r["loca-whole", stage]
+            assert local["losses"] == whole["losses"], stage
+            for name, value in whole["params"].items():
+                assert (local["params"][name] == value).all(), (stage, name)
 
 
 def _single(tmp_path, name, controller=None, **kw):

@@ -31,7 +31,9 @@ in its own backward hooks (FO-LoRA's refit), so it is not done.
 
 Decision (issue 7, controllers run unchanged): a controller hook that a method overrides runs inside
 ``ZeroEngine.controller_view``: each trainable tensor holds its whole current value (gathered under ZeRO-3)
-and, before the step, its whole reduced gradient in ``.grad`` (None when the forward gave it none); values a
+and, before the step, its reduced gradient in ``.grad`` (None when the forward gave it none) as the controller
+declares it needs it for that step (``Controller.gradient_access``, issue 16): ``whole`` (gathered), ``local``
+(this rank's part, zeros elsewhere: no collective) or ``none`` (``.grad`` untouched); values a
 hook writes go back to DeepSpeed's fp32 master copy (``safe_set_full_fp32_param``) and gradients to its
 partitions (``safe_set_full_grad``) — only the ones that changed, so a bf16 run never rounds an untouched
 master copy. Adam moments are reached through ``ZeroOptimizerState`` (the ``safe_get/set_full_optimizer_state``
@@ -324,6 +326,8 @@ class ZeroEngine:
             for site in adapted_sites(model).values():
                 deepspeed.zero.register_external_parameter(site, site.base_layer.weight)
         self._skip: set[int] = set()
+        self._fragments: list[list[tuple[int, int, int]]] | None = None
+        """ZeRO-1/2: every data rank's (tensor index, start, length) gradient fragments (``_z12_whole``)."""
         optimizer.register_step_pre_hook(self._hide_skipped)
         optimizer.register_step_post_hook(self._show_skipped)
         self._hidden: dict[Tensor, Tensor | None] = {}
@@ -391,30 +395,35 @@ class ZeroEngine:
     def _run_hook(self, controller: Controller, name: str, ctx: Any) -> None:
         if getattr(type(controller), name) is getattr(Controller, name):
             return  # not overridden (LoRA): nothing to gather
-        with self.controller_view(grads=name == "before_optimizer_step"):
+        grads = controller.gradient_access(ctx.step) if name == "before_optimizer_step" else "none"
+        with self.controller_view(grads):
             getattr(controller, name)(ctx)
 
     @contextlib.contextmanager
-    def controller_view(self, grads: bool) -> Iterator[None]:
-        """Whole values (and with ``grads`` whole reduced gradients, None for tensors without one) of every
-        trainable tensor inside; on exit each rank writes its own part of them back into DeepSpeed's partitions.
+    def controller_view(self, grads: str) -> Iterator[None]:
+        """Whole values of every trainable tensor inside, and reduced gradients as ``grads`` says
+        (``Controller.gradient_access``: ``whole``, ``local`` or ``none``; None for tensors without one); on exit
+        each rank writes its own part of them back into DeepSpeed's partitions.
 
-        Decision (issue 17, coalesced): one collective per view for the gradients, whatever the number of tensors
-        (each rank's parts of all of them in one flat buffer: ZeRO-1/2 one all-reduce of the zero-filled whole,
-        as ``safe_get_full_grad`` does per tensor; ZeRO-3 one all-gather of the partitions), plus under ZeRO-3
-        DeepSpeed's one coalesced all-gather of the values; the write-back is local (no collective: every rank
-        holds the same whole values, the contract of every engine) and has no host synchronisation: fp32 tensors
-        are written back whole-sale (exact), others only where they changed, selected on the device."""
+        Decision (issue 17, coalesced): at most one collective per view for the gradients, whatever the number of
+        tensors (``_grads``), plus under ZeRO-3 DeepSpeed's one coalesced all-gather of the values; ``local`` and
+        ``none`` need none for the gradients. The write-back is local (no collective: every rank holds the same
+        whole values, the contract of every engine; of a ``local`` gradient it writes exactly the part the rank
+        was given) and has no host synchronisation: fp32 tensors are written back whole-sale (exact), others only
+        where they changed, selected on the device."""
+        if grads not in ("whole", "local", "none"):
+            raise ValueError(f"gradient_access: {grads!r} is not 'whole', 'local' or 'none'")
         params = list(self.params.values())
         with torch.no_grad(), self._whole_values(params):
             before = {id(p): p.detach().clone() for p in params if p.dtype != torch.float32}
-            full = self._full_grads(params) if grads else None
-            for i, p in enumerate(params):
-                p.grad = full[i].view(p.shape).to(p.dtype) if full is not None and id(p) in self._with_grad else None
+            if grads != "none":
+                flat = self._grads(params, whole=grads == "whole")
+                for p, g in zip(params, flat):
+                    p.grad = g.view(p.shape).to(p.dtype) if id(p) in self._with_grad else None
             try:
                 yield
             finally:
-                self._write_back(params, before, grads)
+                self._write_back(params, before, grads != "none")
 
     @contextlib.contextmanager
     def _whole_values(self, params: list[nn.Parameter]) -> Iterator[None]:
@@ -430,18 +439,56 @@ class ZeroEngine:
             if away:
                 away[0].partition(param_list=away, has_been_updated=False)
 
-    def _full_grads(self, params: list[nn.Parameter]) -> list[Tensor]:
-        """Every tensor's whole reduced fp32 gradient, flattened, from one collective over the data ranks."""
-        if self.zero3:
+    def _grads(self, params: list[nn.Parameter], whole: bool) -> list[Tensor]:
+        """Every tensor's reduced fp32 gradient, flattened: with ``whole`` all of it, from one collective over the
+        data ranks; else, without communication, this rank's part (its ZeRO-1/2 fragment or ZeRO-3 partition) and
+        zeros elsewhere.
+
+        Decision (issue 16, whole gradients by all-gather): every rank sends its own parts once (ZeRO-3: its
+        partitions; ZeRO-1/2: its fragments packed, ``_z12_whole``), about N(P−1)/P elements per rank for N
+        adapter elements, where the all-reduce of a zero-filled whole moves 2N(P−1)/P (ring)."""
+        if whole and self.zero3:
             return [g[: p.ds_numel] for p, g in zip(params, self._gather_parts([_z3_grad_part(p) for p in params]))]
-        numels = [p.numel() for p in params]
+        numels = [_full_shape(p).numel() for p in params]
         flat = torch.zeros(sum(numels), dtype=torch.float32, device=params[0].device)
-        for p, part in zip(params, flat.split(numels)):
-            if p._hp_mapping is not None:
-                where = p._hp_mapping.lp_fragment_address
-                part.narrow(0, where.start, where.numel).copy_(_z12_grad_fragment(p))
-        collectives.all_reduce(flat, self.dp_group)
-        return list(flat.split(numels))
+        parts = flat.split(numels)
+        if whole:
+            self._z12_whole(params, parts)
+            return list(parts)
+        for p, part in zip(params, parts):
+            if self.zero3:
+                size = p.ds_tensor.ds_numel  # the last ranks' partitions may be padding only
+                start = min(collectives.group_rank(p.ds_process_group) * size, part.numel())
+                own = _z3_grad_part(p).reshape(-1)[: min(size, part.numel() - start)]
+            elif p._hp_mapping is not None:
+                start, own = p._hp_mapping.lp_fragment_address.start, _z12_grad_fragment(p)
+            else:
+                continue
+            part.narrow(0, start, own.numel()).copy_(own)
+        return list(parts)
+
+    def _z12_whole(self, params: list[nn.Parameter], parts: list[Tensor]) -> None:
+        """ZeRO-1/2: each tensor's whole reduced gradient into ``parts`` (flattened), from one all-gather of every
+        rank's fragments packed in tensor order. Where each rank's fragments lie (tensor, start, length) is a
+        fixed layout, exchanged once (``all_gather_object`` on the first call) from DeepSpeed's public fragment
+        addresses: DeepSpeed's own flat partitions could be gathered as they are, but their offsets (alignment
+        padding, round-robin order) are private to its optimizer."""
+        if self._fragments is None:
+            mine = [(i, p._hp_mapping.lp_fragment_address.start, p._hp_mapping.lp_fragment_address.numel)
+                    for i, p in enumerate(params) if p._hp_mapping is not None]
+            self._fragments = collectives.all_gather_object(mine, self.dp_group)
+        width = max(sum(n for _, _, n in frs) for frs in self._fragments)
+        own = parts[0].new_zeros(width)
+        at = 0
+        for i, _, n in self._fragments[collectives.group_rank(self.dp_group)]:
+            own.narrow(0, at, n).copy_(_z12_grad_fragment(params[i]))
+            at += n
+        every = collectives.all_gather_cat(own, 0, self.dp_group).view(-1, width)
+        for rank, frs in enumerate(self._fragments):
+            at = 0
+            for i, start, n in frs:
+                parts[i].narrow(0, start, n).copy_(every[rank].narrow(0, at, n))
+                at += n
 
     def _gather_parts(self, parts: list[Tensor]) -> list[Tensor]:
         """ZeRO-3: each tensor's P partitions in rank order (flattened, padded), from one all-gather of this rank's."""

@@ -102,6 +102,15 @@ class Controller:
     def before_optimizer_step(self, ctx: "StepContext") -> None:
         """Default: nothing to do (LoRA)."""
 
+    def gradient_access(self, step: int) -> str:
+        """What ``before_optimizer_step`` of optimizer step ``step`` (asked after that step's backward) does with the
+        trainable tensors' ``.grad``, for engines that partition gradients over the data ranks (ZeRO; others ignore
+        it): ``"whole"`` reads whole gradients (a collective to assemble them); ``"local"`` only maps each element
+        to a new value of that element alone or drops a tensor's gradient (sets None) by replicated state, so the
+        engine passes each rank its own part, zeros elsewhere, and keeps its own part of the result (no
+        collective); ``"none"`` neither reads nor writes any ``.grad``. Default ``"whole"``: right for any hook."""
+        return "whole"
+
     def after_optimizer_step(self, ctx: "StepContext") -> None:
         """Default: nothing to do (LoRA)."""
 

@@ -508,6 +508,10 @@ class LocaController(Controller):
             adapter.train_coef, adapter.train_loc = not location, location
             adapter.step = step
 
+    def gradient_access(self, step: int) -> str:
+        """``local``: the hook drops one tensor's gradient by the phase and clamps ``loca_loc.grad`` elementwise."""
+        return "local"
+
     def before_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.step != self.next_step:
             raise RuntimeError(f"LocaController: optimizer step {ctx.step}, but the gradients were computed for "

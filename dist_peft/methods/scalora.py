@@ -215,6 +215,11 @@ class ScaLoraController(Controller):
         self.counts[kind] += count
         warnings.warn(f"scalora: {what}; {kind} so far: {self.counts[kind]}", RuntimeWarning, stacklevel=3)
 
+    def gradient_access(self, step: int) -> str:
+        """``whole`` every ``interval`` steps (the Grams read whole gradients; the rescale writes them), else ``none``."""
+        interval = self.cfg.interval
+        return "whole" if interval and step % interval == 0 else "none"
+
     def before_optimizer_step(self, ctx: StepContext) -> None:
         interval = self.cfg.interval
         if interval == 0 or ctx.step % interval:
