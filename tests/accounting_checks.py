@@ -103,3 +103,34 @@ def planned_state_bytes(cfg, world: int, stage: int) -> dict:
 
     s = stage_memory(shape_of(cfg.model), cfg.method, layout_of(cfg, world))[stage]
     return {"frozen": s.frozen, "adapters": s.adapters, "gradients": s.gradients, "optimizer": s.optimizer}
+
+
+def record_saved_bytes(engine) -> dict:
+    """Wrap the megatron engine's ``forward_backward`` in a ``SavedTensorMeter`` (parameters excluded): the
+    returned dict's ``peak`` is the most bytes saved for backward alive at once on this rank over the run's steps
+    (1F1B's micro-batches in flight, a recomputed layer's set, the loss's saved tensors on the last stage)."""
+    from dist_peft.profile.memory import SavedTensorMeter
+
+    meter = SavedTensorMeter([p for chunk in engine.chunks for p in chunk.parameters()])
+    out = {"peak": 0}
+    step = engine.forward_backward
+
+    def measured(*args, **kwargs):
+        with meter.measuring():
+            result = step(*args, **kwargs)
+        out["peak"] = meter.peak
+        return result
+
+    engine.forward_backward = measured
+    return out
+
+
+def planned_saved_bytes(cfg, world: int, stage: int) -> float:
+    """The planner's bytes saved for backward on a rank of pipeline stage ``stage`` at the schedule's peak: its
+    activations and, on the last stage, the fp32 log-softmax the loss saves."""
+    from dist_peft.accounting.memory import activation_bytes, logits_saved_bytes
+    from dist_peft.accounting.plan import layout_of, shape_of
+
+    shape, layout = shape_of(cfg.model), layout_of(cfg, world)
+    head = logits_saved_bytes(shape, layout) if stage == layout.pp - 1 else 0
+    return activation_bytes(shape, cfg.method, layout, stage, shape.layers // layout.pp, head) + head

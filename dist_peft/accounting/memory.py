@@ -19,22 +19,36 @@ Model states, per rank of one pipeline stage (P_f frozen elements, P_a adapter e
 Megatron's 18 B/param (and DeepSpeed's estimators) assume every parameter trains; under adapters only P_a pays
 the 16 B/element, the frozen weights pay w.
 
-Activations saved for backward, per token of one micro-batch and one decoder layer (a = 2 bytes under bf16,
-T_mb = micro_batch × seq tokens), as this project's engines run (checked with saved-tensor hooks,
-tests/test_accounting.py):
-    RMSNorm ×2      4h + 4 each: its fp32 input and 1/rms (HF casts to fp32; layer 0's input norm saves nothing
-                    when the embedding is frozen)
-    norm outputs    a·h each, where a targeted q/k/v (gate/up) adapter saves its input
-    attention       SDPA / flash (both engines: transformers' sdpa, the megatron engine's SDPAttention): q, k, v
-                    after RoPE, output, log-sum-exp: a(2nd + 2gd) + 4n; no s² scores
-    o_proj input    a·nd if o_proj is targeted (its adapter saves the attention output)
-    MLP             gate, SiLU(gate), up: 3af; down's input a·f if down_proj is targeted
+Activations saved for backward, per token of one micro-batch and one decoder layer on one rank (a = 2 bytes under
+bf16, T_mb = micro_batch × seq tokens). One model, parametrised by the engine that runs the layout (``Layout.engine``:
+megatron-core when tp·pp > 1, else transformers); counted tensor by tensor with saved-tensor hooks (transformers:
+tests/test_accounting.py; megatron-core TP2×PP2 with and without SP and recompute: tests/test_megatron.py):
+                    transformers                        megatron-core (local spec, CanonicalSites, SDPAttention)
+    RMSNorm ×2      4h + 4 each: the fp32 input cast and 1/rms (transformers casts to fp32; torch's rms_norm, which
+                    megatron's local spec runs, saves its fp32 upcast too: at fp32 the input itself, shared with
+                    the layer input a recompute keeps; layer 0's input norm saves nothing when the embedding is
+                    frozen, in both engines)
+    norm outputs    a·h each, where a targeted q/k/v (gate/up) adapter saves its input (under SP the all-gathered
+                    input: megatron's own linears would keep the shard and re-gather, the adapters keep it whole)
+    attention       q, k after RoPE, v, output,         the fused qkv output a(nd + 2gd) (v is a view of it and
+                    log-sum-exp (SDPA / flash):         keeps it whole), q and k after RoPE a(nd + gd), output a·nd,
+                    a(2nd + 2gd) + 4n; no s² scores     log-sum-exp 4n; RoPE's cos and sin tables for q and k
+                                                        ([s, d] each: 4ad / micro_batch per token)
+    o_proj input    a·nd if o_proj is targeted          0: the adapter saves the attention output itself (a·nd
+                                                        under selective recompute, which drops that output)
+    MLP             gate, SiLU(gate), up: 3af           fc1's fused output 2af (gate is a view), SiLU(gate) af and
+                                                        megatron's ``up + glu_linear_offset`` copy af: 4af
+                    down's input a·f if down_proj is targeted
     adapters        the method's ``saved_bytes`` per site (LoRA: the a·r product A x)
 Tensor parallelism divides the attention and MLP terms by TP; sequence parallelism also the norm terms.
-Recompute: full keeps only each layer's input (a·h, /TP under SP) plus one layer's working set (its weight casts
-included); selective (megatron-core's core attention) keeps q, k, v as the checkpoint's inputs and drops the output
-and log-sum-exp. Pipeline: stage p holds min(pp − p, m) micro-batches in
-1F1B, the first stage ×(1 + (pp − 1)/(pp·vp)) under interleaving (Megatron's theoretical_memory_usage).
+Recompute: full keeps only each layer's input (a·h, /TP under SP) per micro-batch in flight, plus one layer's
+recomputed working set (its weight casts included; at fp32 less the kept input its norm saves; megatron: on the last
+stage the loss's tensors (the final norm, ``head``: the logits' bytes) are freed by the backward before the first
+recompute, so only the working set's excess over them counts); selective (megatron-core's core attention) keeps
+q, k, v as the checkpoint's inputs and drops the output and log-sum-exp. Pipeline: stage p holds
+min(pp − p, m) micro-batches in 1F1B, the first stage ×(1 + (pp − 1)/(pp·vp)) under interleaving (Megatron's
+theoretical_memory_usage); at fp32 megatron's last stage still references the previous micro-batch's stage input
+(its first norm's saved input) and 1/rms when the next forward saves (4h/SP + 4 per token, without full recompute).
 Logits on the last stage: the fp32 log-softmax saved by the loss, its gradient and the a-byte logits:
 T_mb·V/TP·(8 + a).
 """
@@ -112,37 +126,53 @@ def layer_activation_bytes(shape: ModelShape, method: Any, layout: Layout, first
     nd, gd, n = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.heads
     targets = set(method.target_modules) if method is not None else set()
     sp = tp if layout.sequence_parallel else 1
+    megatron = layout.engine == "megatron"
+    selective = layout.recompute == "selective"
     norms = (0 if first else 4 * h + 4) + 4 * h + 4
     inputs = a * h * (bool(targets & {"q_proj", "k_proj", "v_proj"}) + bool(targets & {"gate_proj", "up_proj"}))
-    attn = a * (nd + 2 * gd) + (0 if layout.recompute == "selective" else a * nd + 4 * n)
-    attn += a * nd * ("o_proj" in targets)
-    mlp = 3 * a * f + a * f * ("down_proj" in targets)
+    kept_out = 0 if selective else a * nd + 4 * n
+    if megatron:
+        attn = a * (nd + 2 * gd) + a * (nd + gd) + kept_out + a * nd * ("o_proj" in targets and selective)
+        rope = 4 * a * shape.head_dim / layout.micro_batch
+        mlp = 4 * a * f
+    else:
+        attn = a * (nd + 2 * gd) + kept_out + a * nd * ("o_proj" in targets)
+        rope, mlp = 0, 3 * a * f
+    mlp += a * f * ("down_proj" in targets)
     own = 0
     if method is not None:
         cls = adapter_class(method)
         for site in target_sites(shape, targets, tp, layout.weight_bytes):
             own += cls.saved_bytes(site, method.options, a)
-    return norms / sp + inputs + (attn + mlp) / tp + own
+    return norms / sp + inputs + (attn + mlp) / tp + rope + own
 
 
-def activation_bytes(shape: ModelShape, method: Any, layout: Layout, stage: int, layers: int) -> float:
-    """Activations of one stage's rank at the peak of the schedule (module docstring), logits excluded."""
+def activation_bytes(shape: ModelShape, method: Any, layout: Layout, stage: int, layers: int,
+                     head: float = 0.0) -> float:
+    """Activations of one stage's rank at the peak of the schedule (module docstring), logits excluded; ``head``:
+    the bytes the loss holds on the last stage (the logits' term), which megatron's full recompute frees before its
+    first recompute."""
     tokens = layout.micro_batch * layout.seq_len
+    sp = layout.tp if layout.sequence_parallel else 1
+    megatron = layout.engine == "megatron"
+    last = stage == layout.pp - 1
     per_layer = layer_activation_bytes(shape, method, layout)
+    final_norm = tokens * (4 * shape.hidden + 4) / sp if last else 0
+    in_flight = 1
+    if layout.pp > 1:
+        in_flight = min(layout.pp - stage, layout.grad_accum)
+        if layout.vp > 1 and stage == 0:
+            in_flight = min(layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.vp)), layout.grad_accum)
     if layout.recompute == "full":
-        kept = layout.act_bytes * shape.hidden / (layout.tp if layout.sequence_parallel else 1)
-        one_mb = tokens * (kept * layers + per_layer) + weight_cast_bytes(shape, method, layout)
-    else:
-        first = layer_activation_bytes(shape, method, layout, first=True) if stage == 0 else per_layer
-        one_mb = tokens * (per_layer * (layers - 1) + first) + layers * weight_cast_bytes(shape, method, layout)
-    if stage == layout.pp - 1:
-        one_mb += tokens * (4 * shape.hidden + 4) / (layout.tp if layout.sequence_parallel else 1)  # final norm
-    if layout.pp == 1:
-        return one_mb
-    in_flight = min(layout.pp - stage, layout.grad_accum)
-    if layout.vp > 1 and stage == 0:
-        in_flight = min(layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.vp)), layout.grad_accum)
-    return one_mb * in_flight
+        kept = layout.act_bytes * shape.hidden / sp
+        working = tokens * (per_layer - kept * (layout.act_bytes == 4)) + weight_cast_bytes(shape, method, layout)
+        if megatron:  # one micro-batch's layer is recomputed at a time, after its loss's tensors are freed
+            return in_flight * tokens * kept * layers + final_norm + max(working - final_norm - head, 0)
+        return in_flight * (tokens * kept * layers + working + final_norm)
+    first = layer_activation_bytes(shape, method, layout, first=True) if stage == 0 else per_layer
+    one_mb = tokens * (per_layer * (layers - 1) + first) + layers * weight_cast_bytes(shape, method, layout)
+    lingering = megatron and last and layout.pp > 1 and layout.act_bytes == 4
+    return in_flight * (one_mb + final_norm) + lingering * tokens * (4 * shape.hidden / sp + 4)
 
 
 def weight_cast_bytes(shape: ModelShape, method: Any, layout: Layout) -> int:
@@ -188,9 +218,9 @@ def stage_memory(shape: ModelShape, method: Any, layout: Layout) -> list[StageMe
                       if layout.zero == 3 else [])
         if layout.zero == 3:
             st.gathered = layout.weight_bytes * min(max(layout.zero3_live, shape.layer_params()), frozen)
-        st.activations = int(activation_bytes(shape, method, layout, p, per_stage))
         if p == layout.pp - 1:
             st.logits = int(logits_saved_bytes(shape, layout) * (2 + layout.act_bytes / 4))  # + its gradient, logits
+        st.activations = int(activation_bytes(shape, method, layout, p, per_stage, st.logits))
         out.append(st)
     return out
 
