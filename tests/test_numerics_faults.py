@@ -1,6 +1,6 @@
 """Numerical faults and hangs (issue 14, ``dist_peft/train/guards.py``): a NaN in one rank's loss skips that step
 on every rank and leaves the run equal, bit for bit, to one whose data never held that batch (weights, optimizer
-state and method state, on the plain engine, and on 2 ranks: data parallelism and ZeRO-2);
+state and method state, on the plain engine, and on 2 ranks: data parallelism, ZeRO-2, ZeRO-3 and megatron TP2);
 ``train.max_bad_steps`` NaN steps in a row end the run with one error; the skip counts survive a resume; a rank that
 sleeps inside a collective is ended by its step watchdog within ``train.step_timeout_s`` with a report naming it
 and the collective (its restart by the launchers: tests/test_faults.py).
@@ -49,7 +49,7 @@ def _nan_in(spec: str):
         os.environ.pop(guards.NAN_ENV) if saved is None else os.environ.__setitem__(guards.NAN_ENV, saved)
 
 
-def _cfg(run_dir, method="lora", deepspeed=None, train=None):
+def _cfg(run_dir, method="lora", deepspeed=None, train=None, parallel=None):
     options, sections = METHODS[method]
     raw = tiny_config(run_dir, train={"steps": STEPS, **(train or {})}).to_dict()
     raw["method"] = {"name": method, "target_modules": ["q_proj", "v_proj", "down_proj"], **options}
@@ -59,6 +59,8 @@ def _cfg(run_dir, method="lora", deepspeed=None, train=None):
         raw["data"] = {**raw["data"], **sections["data"]}
     if deepspeed:
         raw["deepspeed"] = deepspeed
+    if parallel:
+        raw["parallel"] = parallel
     return from_dict(raw)
 
 
@@ -150,17 +152,31 @@ def test_skip_counts_survive_a_resume(tmp_path):
     _assert_same_state(_state(resumed), _state(straight))
 
 
+NAN_LAYOUTS = {"dp": {}, "zero2": {"deepspeed": {"zero_stage": 2}}, "zero3": {"deepspeed": {"zero_stage": 3}},
+               "megatron-tp2": {"parallel": {"tensor": 2}}}
+"""The 2-rank layouts of the shared NaN launch. Megatron TP2: both ranks are one data replica, and rank 1's NaN is in
+its copy of the loss, which the step's sum does not count (TP rank 0's does) and whose gradients stay finite: only
+its "not finite" flag makes every rank skip."""
+
+
 def _nan_runs(root: str) -> dict:
-    """On 2 ranks, rank 1's loss is NaN at attempt NAN_AT: plain data parallelism and ZeRO-2, each beside its
-    reference run."""
+    """On 2 ranks, rank 1's loss is NaN at attempt NAN_AT: plain data parallelism, ZeRO-2, ZeRO-3 and megatron
+    TP2, each beside its reference run."""
+    from distributed import release_model_parallel
+
     out = {}
-    for name, zero in (("dp", None), ("zero2", {"zero_stage": 2})):
-        cfg = _cfg(f"{root}/{name}", deepspeed=zero, train={"micro_batch_size": 2, "threads": 1})
+    for name, layout in NAN_LAYOUTS.items():
+        cfg = _cfg(f"{root}/{name}", train={"micro_batch_size": 2, "threads": 1}, **layout)
         with _nan_in(f"1:{NAN_AT}"):
             t = Trainer(cfg, echo=lambda m: None)
             t.run()
-        ref = _reference(_cfg(f"{root}/{name}-ref", deepspeed=zero, train={"micro_batch_size": 2, "threads": 1}))
-        a, b = _state(t), _state(ref)
+        a = _state(t)
+        if "parallel" in layout:  # megatron's groups are per process: one engine at a time
+            release_model_parallel()
+        ref = _reference(_cfg(f"{root}/{name}-ref", train={"micro_batch_size": 2, "threads": 1}, **layout))
+        b = _state(ref)
+        if "parallel" in layout:
+            release_model_parallel()
         out[name] = {"skipped": [bool(r.get("skipped")) for r in t.history if "lr" in r],
                      "same": sorted(k for k in a if k in b and torch.equal(a[k], b[k])), "keys": sorted(a),
                      "ref_keys": sorted(b), "losses": [r["loss"] for r in t.history if "lr" in r],
@@ -168,16 +184,19 @@ def _nan_runs(root: str) -> dict:
     return out
 
 
-def test_nan_on_one_rank_skips_the_step_on_every_rank_dp_and_zero2(tmp_path):
-    """Rank 1 alone sees a NaN loss: both ranks skip that step (DP and ZeRO-2), and each ends with the tensors of
-    the run that skipped the batch (bitwise). Launch: pytest tests/test_numerics_faults.py -k every_rank"""
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Rank 1 alone sees a NaN loss: both ranks skip that step (DP, ZeRO-2, ZeRO-3, megatron TP2), and each ends with
+    the tensors (its own shards) of the run that skipped the batch, bitwise. Launch: pytest
+    tests/test_numerics_faults.py -k every_rank"""
     results = run_dist(_nan_runs, 2, root=str(tmp_path))
-    for name in ("dp", "zero2"):
+    for name in NAN_LAYOUTS:
         for rank in (0, 1):
             r = results[rank][name]
             assert r["skipped"] == [i == NAN_AT for i in range(STEPS + 1)], (name, rank, r["skipped"])
             assert r["keys"] == r["ref_keys"] and r["same"] == r["keys"], (name, rank, set(r["keys"]) - set(r["same"]))
-            assert r["losses"][NAN_AT] is None
+            # megatron: the logged loss is TP rank 0's, the only copy counted, and finite; rank 1's NaN copy
+            # reaches the step check through its "not finite" flag alone
+            assert (r["losses"][NAN_AT] is None) == (name != "megatron-tp2"), (name, rank, r["losses"][NAN_AT])
             assert r["losses"][:NAN_AT] + r["losses"][NAN_AT + 1:] == r["ref_losses"]
 
 
