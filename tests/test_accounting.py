@@ -140,6 +140,11 @@ def test_declared_numel_and_buffers_equal_the_adapters_tensors(method, kind, mod
     shape = SiteShape(module_type, m, n, spec.kind, spec.size, 2, 4)
     assert entry.adapter_cls.trainable_numel(shape, cfg) == sum(getattr(adapter, t).numel()
                                                                 for t in adapter.trainable_names)
+    groups: dict[tuple, int] = {}  # the optimizer's groups, as train/loop.build_optimizer makes them
+    for t in adapter.trainable_names:
+        key = tuple(sorted(adapter.optimizer_overrides().get(t, {}).items()))
+        groups[key] = groups.get(key, 0) + getattr(adapter, t).numel()
+    assert entry.adapter_cls.group_numels(shape, cfg) == tuple(groups.values())
     own, shared = entry.adapter_cls.buffer_bytes(shape, cfg)
     basis = getattr(adapter, "basis", None)
     basis_bytes = sum(b.nbytes for b in basis.buffers()) if basis is not None else 0

@@ -5,16 +5,20 @@ Model states, per rank of one pipeline stage (P_f frozen elements, P_a adapter e
     frozen     w·P_f (w = 2 for bf16), split by TP (vocab-parallel embedding and head, column/row projections;
                norms replicated) and by PP; under ZeRO-3 also by DP
     adapters   4·P_a (fp32 masters, ``methods/``); gradients 4·P_a; AdamW moments 8·P_a
-    ZeRO       (DeepSpeed 0.19, checked tensor by tensor in tests/test_deepspeed.py) 1: moments and an fp32 copy
-               of the partition (``single_partition_of_fp32_groups``) /DP; the adapters sit in one flat buffer
-               padded to a multiple of 2·DP elements (A = ⌈P_a / 2DP⌉·2DP: 4·A whole, 12·A/DP optimizer); the
-               whole gradients live through the backward; 2: + gradients /DP (one fp32 partition, 4·A/DP);
-               3: every tensor is split into ⌈numel / DP⌉-element partitions (the adapters: 4·⌈P_a/DP⌉; frozen:
-               w·Σ⌈n/DP⌉, a tensor of at most ``stage3_param_persistence_threshold`` elements (1e5) also stays
-               whole), the optimizer holds the fp32 master and moments of the partition (12·⌈P_a/DP⌉), and at the
-               step two gradient partitions (``grad_partitions_flat_buffer`` and its flattened fp32 copy for the
-               inner optimizer: 8·⌈P_a/DP⌉); ``gathered``: the working set of whole frozen weights during the
-               forward and backward (``stage3_max_live_parameters``, 1e9 elements by default, at least one decoder
+    ZeRO       (DeepSpeed 0.19, checked tensor by tensor in tests/test_deepspeed.py) per optimizer group g
+               (``Adapter.group_numels``: FRoD's S under ``s_lr`` and LoCA's locations have their own), each
+               flattened, padded and stepped on its own; p_g its partition. 1: moments and an fp32 copy of the
+               partition (``single_partition_of_fp32_groups``); each group's adapters sit in one flat buffer padded to
+               a multiple of 2·DP elements (p_g = ⌈P_g / 2DP⌉·2: 4·DP·Σp_g whole, 12·Σp_g optimizer); the whole
+               gradients live through the backward; 2: + gradient partitions: group g's fp32 gradient while it steps,
+               with the reduced partitions of the later groups holding the whole partition buffer (4·(Σp_g + the
+               largest p_g but the last's), 4·p for one group); 3: every tensor is split into ⌈numel / DP⌉-element
+               partitions (p_g = ⌈P_g/DP⌉, the adapters: 4·Σp_g; frozen: w·Σ⌈n/DP⌉, a tensor of at most
+               ``stage3_param_persistence_threshold`` elements (1e5) also stays whole), the optimizer holds the fp32
+               master and moments of the partition (12·Σp_g), and at the step the reduced
+               ``grad_partitions_flat_buffer`` and the stepping group's flattened fp32 copy for the inner optimizer
+               (4·(Σp_g + max p_g): 8·p for one group); ``gathered``: the working set of whole frozen weights during
+               the forward and backward (``stage3_max_live_parameters``, 1e9 elements by default, at least one decoder
                layer, at most the stage)
 Megatron's 18 B/param (and DeepSpeed's estimators) assume every parameter trains; under adapters only P_a pays
 the 16 B/element, the frozen weights pay w.
@@ -55,6 +59,7 @@ T_mb·V/TP·(8 + a).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,11 +215,12 @@ def stage_memory(shape: ModelShape, method: Any, layout: Layout) -> list[StageMe
         if p == layout.pp - 1:
             frozen += shape.hidden + (shape.vocab * shape.hidden // layout.tp
                                       if not shape.tie_embeddings or layout.pp > 1 else 0)
-        trainable = sum(cls.trainable_numel(s, method.options) for s in sites) * per_stage if cls else 0
+        groups = [per_stage * sum(g) for g in itertools.zip_longest(
+            *(cls.group_numels(s, method.options) for s in sites), fillvalue=0)] if cls else []
         for s in sites:
             own, shared = cls.buffer_bytes(s, method.options)
             st.buffers += own * per_stage + shared
-        _model_states(st, frozen, trainable, layout, frozen_tensor_numels(shape, p == 0, p == layout.pp - 1, per_stage)
+        _model_states(st, frozen, groups, layout, frozen_tensor_numels(shape, p == 0, p == layout.pp - 1, per_stage)
                       if layout.zero == 3 else [])
         if layout.zero == 3:
             st.gathered = layout.weight_bytes * min(max(layout.zero3_live, shape.layer_params()), frozen)
@@ -240,17 +246,23 @@ def frozen_tensor_numels(shape: ModelShape, first: bool, last: bool, layers: int
     return out + ([h] + [shape.vocab * h] * (not shape.tie_embeddings or not first)) * last
 
 
-def _model_states(st: StageMemory, frozen: int, trainable: int, layout: Layout, frozen_numels: list[int]) -> None:
-    """Model-state bytes of one rank (module docstring: the plain and megatron engines, DeepSpeed's stages)."""
+def _model_states(st: StageMemory, frozen: int, groups: list[int], layout: Layout, frozen_numels: list[int]) -> None:
+    """Model-state bytes of one rank (module docstring: the plain and megatron engines, DeepSpeed's stages);
+    ``groups``: the stage's trainable elements per optimizer group."""
     dp, z, w = layout.dp, layout.zero, layout.weight_bytes
+    trainable = sum(groups)
     st.frozen = w * frozen
     if z == 0:
         st.adapters, st.gradients, st.optimizer = 4 * trainable, 4 * trainable, 8 * trainable
-    elif z < 3:
-        flat = -(-trainable // (2 * dp)) * 2 * dp
-        st.adapters, st.optimizer = 4 * flat, 12 * flat // dp
-        st.gradients = 4 * trainable if z == 1 else 4 * flat // dp
-    else:
-        part = math.ceil(trainable / dp)
-        st.adapters, st.gradients, st.optimizer = 4 * part, 8 * part, 12 * part
+        return
+    parts = [-(-g // (2 * dp)) * 2 if z < 3 else math.ceil(g / dp) for g in groups] or [0]
+    st.adapters = 4 * sum(parts) * (dp if z < 3 else 1)
+    st.optimizer = 12 * sum(parts)
+    if z == 1:
+        st.gradients = 4 * trainable
+    elif z == 2:  # group i steps while the later groups' reduced gradients still hold the whole partition buffer
+        st.gradients = 4 * max(sum(parts) + max(parts[:-1], default=0), parts[-1])
+    else:  # the reduced partitions of every group, and the fp32 flat gradient of the group stepping
+        st.gradients = 4 * (sum(parts) + max(parts))
+    if z == 3:
         st.frozen = w * sum(math.ceil(n / dp) + n * (n <= layout.zero3_persist) for n in frozen_numels)

@@ -200,6 +200,12 @@ class Adapter(nn.Module, abc.ABC):
         raise NotImplementedError(f"{cls.__name__} declares no trainable_numel")
 
     @classmethod
+    def group_numels(cls, shape: SiteShape, cfg: Any) -> tuple[int, ...]:
+        """``trainable_numel`` split by optimizer group, in the order ``optimizer_overrides`` makes them (the run's
+        group first); DeepSpeed's ZeRO flattens, pads and steps each group on its own. Default: one group."""
+        return (cls.trainable_numel(shape, cfg),)
+
+    @classmethod
     def buffer_bytes(cls, shape: SiteShape, cfg: Any) -> tuple[int, int]:
         """(bytes of this site's own non-trainable state on one rank, bytes of state shared by all sites of its
         module type on one rank, counted once). Default: none."""

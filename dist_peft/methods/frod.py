@@ -278,6 +278,12 @@ class FrodAdapter(Adapter):
         return d + k
 
     @classmethod
+    def group_numels(cls, shape: SiteShape, cfg: FrodConfig) -> tuple[int, ...]:
+        """Σ in the run's group, S in its own under ``s_lr``."""
+        d, k = cls._latent(shape, cfg)
+        return (d, k) if cfg.s_lr is not None else (d + k,)
+
+    @classmethod
     def buffer_bytes(cls, shape: SiteShape, cfg: FrodConfig) -> tuple[int, int]:
         """Per site σ⁰ (d fp32); per module type the ``FrodBasis``: F and F⁻¹ (2 d² fp32) and its int64 index
         tensors (pattern 2k, order and the CSR pattern of N and its transpose 5(d + k) + 2(d + 1))."""

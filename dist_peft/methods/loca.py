@@ -626,6 +626,11 @@ class LocaAdapter(Adapter):
         return 3 * cfg.n_frequency
 
     @classmethod
+    def group_numels(cls, shape: SiteShape, cfg: LocaConfig) -> tuple[int, ...]:
+        """a in the run's group, l in its own (``loc_lr``, no weight decay)."""
+        return cfg.n_frequency, 2 * cfg.n_frequency
+
+    @classmethod
     def extra_flops(cls, shape: SiteShape, tokens: int, cfg: LocaConfig) -> tuple[int, int]:
         """The spectral path in FLOPs (a real-FFT DCT of length N ≈ 2.5 N log₂ N): forward the DCT of x (n) and the
         inverse DCT of the scattered spectrum (m) plus 2B gathers; backward the same two transforms of the output
