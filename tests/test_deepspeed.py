@@ -377,12 +377,12 @@ def test_planned_zero_state_bytes_equal_deepspeeds_tensors(zero_runs):
     """dist-peft plan's per-rank frozen, adapter, gradient and optimizer bytes under ZeRO-2 and ZeRO-3 equal the
     distinct storages DeepSpeed holds on each rank (tests/accounting_checks.py: ZeRO-3's partitions, the padded
     flat adapter buffer, gradient partitions and buckets, fp32 master partitions, AdamW moments), for LoRA
-    (accumulation 2) and OD-LoRA (whose bases are buffers). Not compared: methods with two optimizer groups
-    (FRoD, LoCA), whose gradient bytes at the step differ from the plan's one-group figure (measured: more under
-    ZeRO-2, less under ZeRO-3), and ZeRO-1, whose whole gradients live during the last backward, not measured."""
+    (accumulation 2), OD-LoRA (whose bases are buffers) and the two-group methods (FRoD's S under s_lr, LoCA's
+    locations: each group flattened, padded and stepped on its own). Not compared: ZeRO-1, whose whole gradients
+    live during the last backward, not measured."""
     _, results = zero_runs
     for r in results.values():
-        for key in ("z2", "z3", ("odlora", 2), ("odlora", 3)):
+        for key in ("z2", "z3", *((m, s) for m in ("odlora", "frod", "loca") for s in (2, 3))):
             got = r[key]
             assert not isinstance(got, str), (key, got)
             assert got["state"] == got["planned_state"], key
