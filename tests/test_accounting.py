@@ -113,6 +113,18 @@ def test_executed_flops_is_4n_frozen_plus_adapter_and_attention():
     assert (flop_breakdown(s, T, seq, frod, tensor=tp).adapter_forward
             == tp * flop_breakdown(s, T, seq, frod).adapter_forward == tp * 4 * s.hidden ** 2 * T * s.layers
             + tp * 2 * T * s.layers * (s.hidden + int(0.01 * s.hidden ** 2)))
+    # Per forward, then multiplied: FRoD's merged build is paid by every micro-batch of every replica; one call over
+    # the step's tokens would pay it once (and pick the path for a token count no forward sees).
+    from dist_peft.accounting.memory import Layout
+    from dist_peft.accounting.plan import make_plan
+    from dist_peft.accounting.roofline import GPUS
+
+    merged = SimpleNamespace(name="frod", options=FrodConfig(path="merged"), target_modules=("q_proj",))
+    layout = Layout(tp=tp, dp=2, grad_accum=4, micro_batch=1, seq_len=seq)
+    one = flop_breakdown(s, seq, seq, merged, tensor=tp)
+    plan = make_plan(s, merged, layout, GPUS["h100-80gb"])
+    assert plan.executed_flops == 8 * one.total
+    assert plan.executed_flops > executed_flops(s, 8 * seq, seq, merged, tensor=tp)
 
 
 def _site(module_type, m, n, spec):

@@ -91,15 +91,20 @@ def recomputed_fraction(recompute: Any, layers_per_stage: int) -> float:
 
 
 def flop_breakdown(shape: ModelShape, tokens: int, seq_len: int, method: Any = None, recompute: Any = None,
-                   pipeline: int = 1, tensor: int = 1) -> FlopBreakdown:
-    """Executed FLOPs of one step over ``tokens`` tokens, whole model (all ranks together).
+                   pipeline: int = 1, tensor: int = 1, forwards: int = 1, replicas: int = 1) -> FlopBreakdown:
+    """Executed FLOPs of one step, whole model (all ranks together), of ``forwards`` forward/backward passes of
+    ``tokens`` tokens each (a micro-batch; ``forwards`` = gradient accumulation × data-parallel replicas).
 
     ``method``: the run's ``method`` section (``.name``, ``.options``, ``.target_modules``); None: no adapters
     (the frozen model's forward and input-gradient backward, the 4N bound). ``recompute``: the run's
-    ``recompute`` section or None; ``pipeline`` the stages (for ``method: block``); ``tensor`` the TP size.
+    ``recompute`` section or None; ``pipeline`` the stages (for ``method: block``); ``tensor`` the TP size;
+    ``replicas`` the data-parallel replicas, each of which runs the between-step work (``step_flops``).
     Decision: the adapters' work is ``tensor`` × one rank's (``extra_flops`` of the rank's ``SiteShape``), not the
     unsplit site's: what every TP rank repeats (FRoD's d × d transforms, LoCA's full-length DCTs, LoRA's
-    replicated factor) is executed ``tensor`` times, and a per-rank figure (÷ TP × PP) must keep it whole."""
+    replicated factor) is executed ``tensor`` times, and a per-rank figure (÷ TP × PP) must keep it whole.
+    Decision: evaluated per forward, then multiplied: some adapter work is per forward, not per token (FRoD's
+    merged build and its path choice, FO-LoRA's filters), so the step's whole token count in one call would
+    count it once per step."""
     attn = attention_flops(shape, tokens, seq_len)
     a_fwd = a_bwd = step = 0
     if method is not None:
@@ -113,16 +118,17 @@ def flop_breakdown(shape: ModelShape, tokens: int, seq_len: int, method: Any = N
     again = frac * (layer_gemm + attn / 3 + a_fwd)
     if recompute is not None and recompute.granularity == "selective":
         again = attn / 3
-    frozen_fwd = 2 * tokens * shape.matmul_params()
-    return FlopBreakdown(frozen_forward=frozen_fwd, frozen_backward=frozen_fwd, attention_forward=attn // 3,
-                         attention_backward=attn - attn // 3, adapter_forward=a_fwd, adapter_backward=a_bwd,
-                         between_steps=step, recompute=int(again))
+    frozen_fwd = 2 * tokens * shape.matmul_params() * forwards
+    return FlopBreakdown(frozen_forward=frozen_fwd, frozen_backward=frozen_fwd, attention_forward=attn // 3 * forwards,
+                         attention_backward=(attn - attn // 3) * forwards, adapter_forward=a_fwd * forwards,
+                         adapter_backward=a_bwd * forwards, between_steps=step * replicas,
+                         recompute=int(again) * forwards)
 
 
 def executed_flops(shape: ModelShape, tokens: int, seq_len: int, method: Any = None, recompute: Any = None,
-                   pipeline: int = 1, tensor: int = 1) -> int:
+                   pipeline: int = 1, tensor: int = 1, forwards: int = 1, replicas: int = 1) -> int:
     """The total of ``flop_breakdown``: what the hardware executes in one step (HFU's numerator)."""
-    return flop_breakdown(shape, tokens, seq_len, method, recompute, pipeline, tensor).total
+    return flop_breakdown(shape, tokens, seq_len, method, recompute, pipeline, tensor, forwards, replicas).total
 
 
 @dataclass(frozen=True)

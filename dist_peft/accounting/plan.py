@@ -65,7 +65,8 @@ def make_plan(shape: ModelShape, method: Any, layout: Layout, gpu: Gpu) -> Plan:
     recompute = None if layout.recompute == "none" else dataclasses.make_dataclass(
         "R", ["granularity", "method", "num_layers"])(layout.recompute, "uniform", None)
     plan = Plan(layout, stages, model_flops(shape, tokens, layout.seq_len),
-                executed_flops(shape, tokens, layout.seq_len, method, recompute, layout.pp, layout.tp),
+                executed_flops(shape, layout.micro_batch * layout.seq_len, layout.seq_len, method, recompute, layout.pp,
+                               layout.tp, layout.grad_accum * layout.dp, layout.dp),
                 [] if problems else step_collectives(shape, method, layout), 0.0, 0.0, problems)
     for s in stages:
         if s.total > gpu.usable_bytes:

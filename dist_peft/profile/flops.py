@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from dist_peft.accounting import ModelShape, executed_flops, flop_breakdown, model_flops
+from dist_peft.accounting import ModelShape, flop_breakdown, model_flops
 from dist_peft.accounting.roofline import gpu_from_device_name
 
 def device_peak(device_name: str | None, override_tflops: float | None = None) -> tuple[float | None, str]:
@@ -32,15 +32,16 @@ def device_peak(device_name: str | None, override_tflops: float | None = None) -
     return None, f"unknown device {device_name!r}: no peak in the table (give --peak-tflops)"
 
 
-def step_flops(shape: ModelShape, cfg: Any, tokens: int, adapters: bool = True) -> dict[str, Any]:
-    """Model and executed FLOPs of one step of ``cfg`` over ``tokens`` tokens (all data-parallel ranks);
+def step_flops(shape: ModelShape, cfg: Any, tokens: int, data: int, adapters: bool = True) -> dict[str, Any]:
+    """Model and executed FLOPs of one step of ``cfg`` over ``tokens`` tokens (all ``data`` data-parallel ranks,
+    ``train.grad_accum`` micro-batches each: the executed count is evaluated per micro-batch, ``flop_breakdown``);
     ``adapters=False``: the frozen model alone (the floor)."""
     seq = cfg.data.seq_len
     pipeline, tensor = (cfg.parallel.pipeline, cfg.parallel.tensor) if cfg.parallel else (1, 1)
     method = cfg.method if adapters else None
-    parts = flop_breakdown(shape, tokens, seq, method, cfg.recompute, pipeline, tensor)
-    return {"model": model_flops(shape, tokens, seq),
-            "executed": executed_flops(shape, tokens, seq, method, cfg.recompute, pipeline, tensor),
+    forwards = cfg.train.grad_accum * data
+    parts = flop_breakdown(shape, tokens // forwards, seq, method, cfg.recompute, pipeline, tensor, forwards, data)
+    return {"model": model_flops(shape, tokens, seq), "executed": parts.total,
             "executed_breakdown": dataclasses.asdict(parts)}
 
 

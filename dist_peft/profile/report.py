@@ -77,7 +77,7 @@ def summarize(name: str, cfg: Any, ranks: Sequence[dict[str, Any]], settings: An
         "losses": [s["loss"] for s in ranks[0]["steps"][:n]],
     }
     if shape is not None:
-        flops = step_flops(shape, cfg, int(tokens), adapters=adapters)
+        flops = step_flops(shape, cfg, int(tokens), world // mp, adapters=adapters)
         peak, why = device_peak(ranks[0]["device_name"], settings.peak_tflops)
         out["flops"] = {**flops, **utilisation(flops, step_time, world, peak, why)}
     return out
