@@ -49,9 +49,10 @@ Recompute: full keeps only each layer's input (a·h, /TP under SP) per micro-bat
 recomputed working set (its weight casts included; at fp32 less the kept input its norm saves; megatron: on the last
 stage the loss's tensors (the final norm, ``head``: the logits' bytes) are freed by the backward before the first
 recompute, so only the working set's excess over them counts); selective (megatron-core's core attention) keeps
-q, k, v as the checkpoint's inputs and drops the output and log-sum-exp. Pipeline: stage p holds
-min(pp − p, m) micro-batches in 1F1B, the first stage ×(1 + (pp − 1)/(pp·vp)) under interleaving (Megatron's
-theoretical_memory_usage); at fp32 megatron's last stage still references the previous micro-batch's stage input
+q, k, v as the checkpoint's inputs and drops the output and log-sum-exp. Pipeline: stage p holds its warm-up
+forwards + 1 model chunks of layers/vp (m micro-batches at most): 1F1B min(pp − p, m) micro-batches, interleaved
+min((2(pp − p − 1) + (vp − 1)·pp + 1)/vp, m) (the first stage's pp·(1 + (pp − 1)/(pp·vp)) is Megatron's
+theoretical_memory_usage), the final norm and the loss once (the last chunk has one micro-batch in flight); at fp32 megatron's last stage still references the previous micro-batch's stage input
 (its first norm's saved input) and 1/rms when the next forward saves (4h/SP + 4 per token, without full recompute).
 Logits on the last stage: the fp32 log-softmax saved by the loss, its gradient and the a-byte logits:
 T_mb·V/TP·(8 + a).
@@ -164,20 +165,20 @@ def activation_bytes(shape: ModelShape, method: Any, layout: Layout, stage: int,
     per_layer = layer_activation_bytes(shape, method, layout)
     final_norm = tokens * (4 * shape.hidden + 4) / sp if last else 0
     in_flight = 1
-    if layout.pp > 1:
-        in_flight = min(layout.pp - stage, layout.grad_accum)
-        if layout.vp > 1 and stage == 0:
-            in_flight = min(layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.vp)), layout.grad_accum)
+    if layout.pp > 1:  # megatron's warm-up forwards + 1, in model chunks of layers / vp
+        pp, vp = layout.pp, layout.vp
+        warmup = (pp - stage - 1) * (2 if vp > 1 else 1) + (vp - 1) * pp
+        in_flight = min(warmup + 1, layout.grad_accum * vp) / vp
     if layout.recompute == "full":
         kept = layout.act_bytes * shape.hidden / sp
         working = tokens * (per_layer - kept * (layout.act_bytes == 4)) + weight_cast_bytes(shape, method, layout)
         if megatron:  # one micro-batch's layer is recomputed at a time, after its loss's tensors are freed
             return in_flight * tokens * kept * layers + final_norm + max(working - final_norm - head, 0)
-        return in_flight * (tokens * kept * layers + working + final_norm)
+        return in_flight * tokens * kept * layers + working + final_norm
     first = layer_activation_bytes(shape, method, layout, first=True) if stage == 0 else per_layer
     one_mb = tokens * (per_layer * (layers - 1) + first) + layers * weight_cast_bytes(shape, method, layout)
     lingering = megatron and last and layout.pp > 1 and layout.act_bytes == 4
-    return in_flight * (one_mb + final_norm) + lingering * tokens * (4 * shape.hidden / sp + 4)
+    return in_flight * one_mb + final_norm + lingering * tokens * (4 * shape.hidden / sp + 4)
 
 
 def weight_cast_bytes(shape: ModelShape, method: Any, layout: Layout) -> int:
