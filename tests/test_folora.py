@@ -68,6 +68,29 @@ def test_mixed_task_forward_and_delta_weight_match_numpy_fft_reference():
         np.testing.assert_allclose(a.delta_weight(t).detach().numpy(), _numpy_delta(a, t), rtol=1e-4, atol=1e-5)
 
 
+def test_masks_are_built_once_per_change_of_the_bins(monkeypatch):
+    """A steady-state forward builds no mask; an in-place write of the bins (calibration, a load) and a replaced
+    buffer (a move) rebuild them, and the output follows the new bins (numpy reference)."""
+    import dist_peft.methods.folora as folora
+
+    a, _ = _adapter(FoloraConfig(r=R, num_tasks=3))
+    built = []
+    monkeypatch.setattr(folora, "task_masks", lambda *args: built.append(1) or task_masks(*args))
+    x = torch.randn(2, 5, N)
+    a.task_ids = 1
+    for _ in range(2):
+        a(x, torch.zeros(2, 5, M))
+    assert len(built) == 1
+    for change in (lambda: a.folora_bins.copy_(a.folora_bins.roll(1)),
+                   lambda: setattr(a, "folora_bins", a.folora_bins.roll(2))):
+        with torch.no_grad():
+            change()
+        y = a(x, torch.zeros(2, 5, M))
+        np.testing.assert_allclose(y.detach().numpy(), x.double().numpy() @ _numpy_delta(a, 1).T, rtol=1e-4,
+                                   atol=1e-5)
+    assert len(built) == 3
+
+
 def test_one_task_with_full_mask_and_unit_scale_is_lora():
     """T = 1: the mask is all K bins and G = 1 at init, V is drawn like LoRA's A; with U = B the outputs and the
     U/B, V/A gradients equal LoRA's."""

@@ -155,10 +155,10 @@ def task_masks(bins: Tensor, num_tasks: int) -> Tensor:
     return (bins[None, :] == torch.arange(num_tasks, device=bins.device)[:, None]).float()
 
 
-def task_filters(v: Tensor, bins: Tensor, g: Tensor) -> Tensor:
-    """V_t = irfft(M_t ⊙ rfft(V) ⊙ G_t) for every task: (T, r, n) from V (r, n), G (T, K); T·r·n log n."""
-    response = task_masks(bins, g.shape[0]) * g
-    return torch.fft.irfft(torch.fft.rfft(v)[None] * response[:, None, :], n=v.shape[-1])
+def task_filters(v: Tensor, masks: Tensor, g: Tensor) -> Tensor:
+    """V_t = irfft(M_t ⊙ rfft(V) ⊙ G_t) for every task: (T, r, n) from V (r, n), the masks M (T, K) of
+    ``task_masks`` and G (T, K); T·r·n log n."""
+    return torch.fft.irfft(torch.fft.rfft(v)[None] * (masks * g)[:, None, :], n=v.shape[-1])
 
 
 def default_allocation(num_bins: int, num_tasks: int, k: int) -> Tensor:
@@ -254,9 +254,10 @@ class FoloraController(Controller):
         self._index_masks()
 
     def _index_masks(self) -> None:
-        """Build every site's per-task bin lists now (a host sync per site), when the masks are set, not in a step."""
+        """Build every site's masks and per-task bin lists now (a host sync per site), when the masks are set, not
+        in a step."""
         for a in self.adapters.values():
-            a.task_bins(0)
+            a._index()
 
     def set_tasks(self, ids: int | Tensor | None) -> None:
         """Hand task ids (one task, per-sample ids, or None) to every adapter. Per-sample ids stay on the device:
@@ -427,6 +428,11 @@ class FoloraController(Controller):
             collectives.all_reduce(total, self.layer_group)
         return {f"refit_{t}_predicted_dloss": v for t, v in enumerate(total.tolist())}
 
+    def gradient_access(self, step: int) -> str:
+        """``whole`` in a refit step (``apply_refit`` reads ⟨∂L/∂G_t[bins], δ⟩, a sum over elements); ``none``
+        otherwise (the task-id check reads no gradient)."""
+        return "none" if self._captured is None else "whole"
+
     def before_optimizer_step(self, ctx: StepContext) -> None:
         self.check_tasks()
         self.step_metrics = {}
@@ -490,11 +496,11 @@ class FoloraAdapter(Adapter):
         self.recorder: Callable[[FoloraAdapter, Tensor, Tensor, int | Tensor], None] | None = None
         """Called with (adapter, x, ∂L/∂y, ids) during backward while set (calibration and refit capture)."""
         self.calib_spectrum: Tensor | None = None
-        self._task_bins: tuple[tuple, tuple[Tensor, ...]] | None = None
+        self._bin_index: tuple[Tensor, int, Tensor, tuple[Tensor, ...]] | None = None
 
     def filters(self) -> Tensor:
         """This shard's columns of every V_t: (T, r, n_loc)."""
-        return task_filters(self.folora_V, self.folora_bins, self.folora_G)[..., self.cols[0]:self.cols[1]]
+        return task_filters(self.folora_V, self._index()[0], self.folora_G)[..., self.cols[0]:self.cols[1]]
 
     def _tasks(self, x: Tensor) -> int | Tensor:
         ids = self.cfg.default_task if self.task_ids is None else self.task_ids
@@ -552,16 +558,22 @@ class FoloraAdapter(Adapter):
         return 2 * lora + fft, 4 * lora + fft
 
     def task_bins(self, task: int) -> Tensor:
-        """Task ``task``'s bins, ascending. Cached until the mask changes (calibration, loading): the split by task
-        reads the per-task counts on the host once per change, never in a step."""
-        key = (self.folora_bins._version, self.folora_bins.data_ptr())
-        if self._task_bins is None or self._task_bins[0] != key:
-            bins = self.folora_bins
-            owners = torch.arange(self.cfg.num_tasks, device=bins.device)
-            counts = (bins[None, :] == owners[:, None]).sum(1).tolist()
+        """Task ``task``'s bins, ascending."""
+        return self._index()[1][task]
+
+    def _index(self) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The masks M (T, K) of ``task_masks`` and each task's bins, built once per change of ``folora_bins``
+        (calibration, loading; the controller builds them then), so a step's forward constructs no mask and the
+        split by task reads the per-task counts on the host only then. Decision: keyed by the buffer object and
+        its version counter (an in-place write bumps it; a move or an assigning load replaces the object), never
+        its ``data_ptr`` (loca.py's module docstring: a pointer key can change on some ranks only)."""
+        bins, cached = self.folora_bins, self._bin_index
+        if cached is None or cached[0] is not bins or cached[1] != bins._version:
+            masks = task_masks(bins, self.cfg.num_tasks)
+            counts = masks.sum(1, dtype=torch.long).tolist()
             order = torch.argsort(torch.where(bins < 0, self.cfg.num_tasks, bins), stable=True)
-            self._task_bins = (key, order[: sum(counts)].split(counts))
-        return self._task_bins[1][task]
+            self._bin_index = cached = (bins, bins._version, masks, order[: sum(counts)].split(counts))
+        return cached[2], cached[3]
 
     def spectrum_bytes(self) -> int:
         """Bytes of this site's calibration spectrum rfft(Gr): m_local x (n//2 + 1) complex64."""
