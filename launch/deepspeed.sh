@@ -7,6 +7,8 @@
 # Many nodes:  HOSTFILE=hosts launch/deepspeed.sh CONFIG                  (run once, on the first host)
 #              hosts holds one "hostname slots=N" line per node; the launcher reaches the others with
 #              passwordless ssh + pdsh and MASTER_ADDR defaults to the first host.
+#   no ssh:    HOSTFILE=hosts NODE_RANK=i MASTER_ADDR=host0 launch/deepspeed.sh CONFIG   (run on every node, i =
+#              its line in hosts; the launcher's --no_ssh form: each node starts its own ranks, as torchrun does)
 # Faults: the DeepSpeed launcher does not restart failed ranks, so this script does: a failed job is launched again
 # up to MAX_RESTARTS times (default 3; 0: fail at once) and resumes from the newest verified checkpoint
 # (train.resume: auto); exit code 2 (a config or file error, "error: ..." on stderr) is not retried.
@@ -27,11 +29,14 @@ if [ -n "${HOSTFILE:-}" ]; then
     exit 2
   fi
   args+=(--hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$(head -n1 <<<"$hosts")}")
-  if [ "$(wc -l <<<"$hosts")" -eq 1 ]; then
+  if [ -n "${NODE_RANK:-}" ]; then
+    args+=(--no_ssh --node_rank "$NODE_RANK")
+  elif [ "$(wc -l <<<"$hosts")" -eq 1 ]; then
     args+=(--no_ssh_check)  # one host: the launcher starts its ranks locally and needs no ssh
   elif ! command -v pdsh >/dev/null 2>&1; then
     echo "error: HOSTFILE=$HOSTFILE lists $(wc -l <<<"$hosts") hosts: the DeepSpeed launcher starts them with pdsh over" \
-      "passwordless ssh, and pdsh is not installed (install it, and ssh keys between the hosts)" >&2
+      "passwordless ssh, and pdsh is not installed (install it, and ssh keys between the hosts; or run this on every" \
+      "host with NODE_RANK=i)" >&2
     exit 2
   fi
 else

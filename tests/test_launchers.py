@@ -36,10 +36,10 @@ _free_port = runtime.free_port
 def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "MAX_RESTARTS": "0", **extra}  # a failure here ends the launch (restarts: tests/test_faults.py)
+           "MAX_RESTARTS": "0"}  # a failure here ends the launch (restarts: tests/test_faults.py)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # each launcher sets its own
-    return env
+        env.pop(key, None)  # each launcher sets its own, unless `extra` names them (the DeepSpeed launcher's port)
+    return {**env, **extra}
 
 
 def _slurm_stubs(folder: Path) -> Path:
@@ -53,8 +53,32 @@ def _slurm_stubs(folder: Path) -> Path:
     return folder
 
 
-TWO_HOSTS = "node0 slots=1\nnode1 slots=1\n"
-"""A two-host hostfile."""
+TWO_HOSTS = "127.0.0.1 slots=1\n127.0.0.2 slots=1\n"
+"""A two-host hostfile whose hosts are this machine. Open MPI takes 127.0.0.2 for another node (no interface here has
+that address; "localhost" and "127.0.0.1" it folds into one) and reaches it through an ssh stand-in
+(``_ssh_stub``); the DeepSpeed launcher's --no_ssh form runs once per host (NODE_RANK)."""
+
+
+def _ssh_stub(folder: Path) -> Path:
+    """An ssh stand-in for Open MPI (``plm_rsh_agent``): drops ssh's options and the host and runs the command here,
+    so mpirun starts a second daemon, a second "node", on this machine, with its own TMPDIR (its session folder,
+    which would otherwise be the first daemon's: both are named after this hostname)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stub = folder / "ssh"
+    stub.write_text('#!/usr/bin/env bash\nwhile [[ "$1" == -* ]]; do shift; done\n'
+                    'export TMPDIR="$(dirname "$0")/tmp-$1"\nmkdir -p "$TMPDIR"\nshift\nexec bash -c "$*"\n')
+    stub.chmod(0o755)
+    return stub
+
+
+def _own_address() -> str | None:
+    """This machine's address on its route off loopback, None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 1))  # TEST-NET-1: asks for a route, sends nothing
+        except OSError:
+            return None
+        return s.getsockname()[0]
 
 
 def _launches(tmp_path: Path, names: list[str], extra_env: dict[str, str] | None = None,
@@ -64,17 +88,27 @@ def _launches(tmp_path: Path, names: list[str], extra_env: dict[str, str] | None
     hostfile.write_text(f"localhost slots={nproc}\n")
     stubs = _slurm_stubs(tmp_path / "slurm-bin")
     base = {"NPROC": str(nproc), **(extra_env or {})}
+    two_hosts = tmp_path / "two-hosts"
+    two_hosts.write_text(TWO_HOSTS)
+    ds_two = {"HOSTFILE": str(two_hosts), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     table = {
         "torchrun": (["bash", "launch/torchrun.sh"], {}),
         "deepspeed": (["bash", "launch/deepspeed.sh"],
                       {"HOSTFILE": str(hostfile), "MASTER_PORT": str(_free_port())}),
+        # the DeepSpeed launcher's multi-node --no_ssh form: one launch per host, both writing one output.dir
+        "deepspeed-2hosts": (["bash", "launch/deepspeed.sh"], {**ds_two, "NODE_RANK": "0"}),
+        "deepspeed-2hosts/node1": (["bash", "launch/deepspeed.sh"], {**ds_two, "NODE_RANK": "1"}),
         "mpirun": (["bash", "launch/mpirun.sh"], {"MPI_ARGS": "--oversubscribe"}),
+        # HAN's node-level collectives split by the hostname, which both "nodes" share here; a cluster keeps HAN
+        "mpirun-2hosts": (["bash", "launch/mpirun.sh"],
+                          {"HOSTFILE": str(two_hosts), "MPI_ARGS": f"--mca plm_rsh_agent {_ssh_stub(tmp_path / 'ssh')} "
+                                                                    "--mca coll ^han"}),
         "slurm": (["bash", "launch/slurm.sbatch"], {"SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": "localhost",
                                                    "SLURM_NNODES": "1", "SLURM_JOB_ID": "1", "RDZV_PORT": str(_free_port()),
                                                    "SLURM_CPUS_PER_TASK": "2",
                                                    "PATH": f"{stubs}:{os.environ['PATH']}"}),
     }
-    return {name: (table[name][0] + [str(config), *SETS, "--set", f"output.dir={tmp_path / name}"],
+    return {name: (table[name][0] + [str(config), *SETS, "--set", f"output.dir={tmp_path / name.split('/')[0]}"],
                    _env(**base, **table[name][1])) for name in names}
 
 
@@ -101,16 +135,23 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def test_every_launcher_gives_the_same_loss_log(tmp_path):
-    """The ZeRO-2 tiny config launched with 2 ranks by torchrun, the deepspeed launcher (localhost hostfile),
-    mpirun (ranks and master from mpi4py) and the Slurm template (srun → torchrun) logs bitwise the same
-    training and held-out losses. Launch: pytest tests/test_launchers.py"""
-    results = _run_side_by_side(_launches(tmp_path, ["torchrun", "deepspeed", "mpirun", "slurm"]))
+    """The ZeRO-2 tiny config launched with 2 ranks by torchrun, the deepspeed launcher in its multi-node --no_ssh
+    form (a two-host hostfile, one launch per host), mpirun with a two-host hostfile (a second daemon started through
+    an ssh stand-in; ranks, local ranks and master from mpi4py) and the Slurm template (srun → torchrun) logs bitwise
+    the same training and held-out losses; both "hosts" are this machine. (One-host forms: the crash test.) Launch:
+    pytest tests/test_launchers.py"""
+    # Open MPI's daemons talk over a non-loopback interface only: without one, the one-host mpirun
+    mpi = "mpirun-2hosts" if _own_address() else "mpirun"
+    results = _run_side_by_side(_launches(tmp_path, ["torchrun", "deepspeed-2hosts", "deepspeed-2hosts/node1", mpi,
+                                                     "slurm"]))
     for name, (rc, out) in results.items():
         assert rc == 0, f"{name} failed:\n{out[-3000:]}"
-    logs = {name: _losses(tmp_path / name) for name in results}
+    logs = {name: _losses(tmp_path / name) for name in results if "/" not in name}
     assert len([1 for _, loss in logs["torchrun"]]) == 5  # eval, 3 steps, eval
     for name, log in logs.items():
         assert log == logs["torchrun"], name
+    if mpi == "mpirun-2hosts":  # mpirun reached the second "host" through the stand-in: a second daemon ran
+        assert (tmp_path / "ssh" / "tmp-127.0.0.2").is_dir()
     # Slurm >= 22.05: srun is given the job's cores per task itself
     assert "--cpus-per-task=2" in (tmp_path / "slurm-bin" / "srun.args").read_text().split()
 
@@ -234,17 +275,60 @@ def test_mpi_launch_without_mpi_is_a_clear_error(tmp_path, monkeypatch, capsys):
         runtime.mpi_environment()
 
 
+def test_mpi_local_rank_is_the_launchers_else_from_the_processor_names(monkeypatch):
+    """Under MPI each rank's LOCAL_RANK / LOCAL_WORLD_SIZE are the launcher's (OMPI_COMM_WORLD_LOCAL_RANK / _SIZE,
+    which DeepSpeed checks LOCAL_RANK against) when it sets them, else count the ranks with its processor name
+    (by-node mapping on two nodes: ranks 0, 2 on node0 and 1, 3 on node1), the same answer on every rank by
+    construction; MASTER_ADDR and MASTER_PORT from the environment reach every rank through rank 0's broadcast."""
+    names = ["node0", "node1", "node0", "node1"]
+
+    class Comm:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def Get_rank(self):
+            return self.rank
+
+        def Get_size(self):
+            return len(names)
+
+        def allgather(self, value):
+            assert value == names[self.rank]
+            return names
+
+        def bcast(self, value, root):
+            assert root == 0 and (value is None) == (self.rank != 0)
+            return ("10.0.0.1", "29400")
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):  # mpi_environment exports them: restored
+        monkeypatch.setenv(key, "")
+    for pair in runtime.MPI_LOCAL_RANK_ENV:
+        for key in pair:
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29400")
+    got = []
+    for rank in range(len(names)):
+        mpi = type("MPI", (), {"COMM_WORLD": Comm(rank), "Get_processor_name": staticmethod(lambda r=rank: names[r])})
+        monkeypatch.setattr(runtime, "_import_mpi", lambda mpi=mpi: mpi)
+        env = runtime.mpi_environment()
+        got.append((env["RANK"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]))
+    assert got == [("0", "0", "2", "10.0.0.1", "29400"), ("1", "0", "2", "10.0.0.1", "29400"),
+                   ("2", "1", "2", "10.0.0.1", "29400"), ("3", "1", "2", "10.0.0.1", "29400")]
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "1")
+    env = runtime.mpi_environment()  # rank 3 again, its daemon's only rank
+    assert (env["RANK"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("3", "0", "1")
+
+
 def test_master_address_is_an_address_the_other_nodes_can_reach():
     """Rank 0's address under MPI: loopback on one node; across nodes the address of rank 0's route towards
     another node (never the 127.0.1.1 that gethostbyname(gethostname()) gives on Debian/Ubuntu); a peer reachable
     only through loopback, or not at all, is one error asking for MASTER_ADDR."""
     assert runtime.master_address(["node0", "node0"]) == "127.0.0.1"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 1))  # TEST-NET-1: asks for a route, sends nothing
-        except OSError:
-            pytest.skip("this machine has no route off loopback")
-        own = s.getsockname()[0]
+    own = _own_address()
+    if own is None:
+        pytest.skip("this machine has no route off loopback")
     assert runtime.master_address(["node0", own]) == own
     for peer in ("127.0.1.1", "no-such-node.invalid"):
         with pytest.raises(LaunchError, match="set MASTER_ADDR"):

@@ -5,7 +5,8 @@ MASTER_PORT; ``init_runtime`` joins that group. Under mpirun/mpiexec (``--launch
 first derives the same variables with mpi4py:
 
   rank, world   = COMM_WORLD.Get_rank(), Get_size()         (no communication)
-  local rank    = rank in COMM_WORLD.Split_type(COMM_TYPE_SHARED)   (the ranks sharing this node)
+  local rank    = the launcher's own (Open MPI's OMPI_COMM_WORLD_LOCAL_RANK, MPICH's MPI_LOCALRANKID) when it
+                  sets one, else the ranks before this one with its processor name (one allgather of the names)
   master        = MASTER_ADDR / MASTER_PORT from the launcher's environment when set (launch/mpirun.sh exports
                   them to every node); else 127.0.0.1 when every rank is on one node, else the address rank 0's
                   node routes towards another rank's node (``master_address``), and a free port rank 0 picked,
@@ -14,6 +15,12 @@ first derives the same variables with mpi4py:
 Decision (issue 17): not ``gethostbyname(gethostname())``, which is 127.0.1.1 on Debian/Ubuntu (/etc/hosts) and
 would hang a multi-node job; not the hostfile's first host either, which is rank 0's only under by-slot mapping.
 The kernel's route from rank 0 towards a peer node names the interface that peer can reach.
+
+Decision (issue 14): the local rank is the launcher's (its daemon on each node numbers that node's ranks), and
+DeepSpeed asserts it equals OMPI_COMM_WORLD_LOCAL_RANK; without one, the processor names (gathered anyway for the
+master address) give the same answer on every rank by construction. Not ``Split_type(COMM_TYPE_SHARED)``: Open MPI's
+shared-memory split disagreed between ranks (MPI_ERR_TRUNCATE) when two "hosts" of a hostfile were one machine
+(tests/test_launchers.py's two-host mpirun, where the launcher gives each "host"'s rank local rank 0).
 
 Decision (issue 7): under MPI an error that leaves one rank makes its exit abort the whole job (``mpi_job``,
 mpi4py.run's rule): MPI_Finalize at a normal exit would wait for the other ranks, blocked in a collective.
@@ -45,6 +52,9 @@ import torch.distributed as dist
 
 MPI_ENV_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 """Variables an MPI launcher sets (Open MPI, MPICH/Intel MPI's PMI, PMIx, MVAPICH)."""
+MPI_LOCAL_RANK_ENV = (("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+                      ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"))
+"""(local rank, ranks on the node) as Open MPI and MPICH / Intel MPI (Hydra) set them."""
 
 
 class LaunchError(RuntimeError):
@@ -120,10 +130,10 @@ def mpi_environment(world_check: Callable[[int], None] | None = None) -> dict[st
     rank, world = comm.Get_rank(), comm.Get_size()
     if world_check is not None:
         world_check(world)
-    node = comm.Split_type(mpi.COMM_TYPE_SHARED, key=rank)
-    local_rank, local_world = node.Get_rank(), node.Get_size()
-    node.Free()
     hosts = comm.allgather(mpi.Get_processor_name())
+    local_rank, local_world = next(((os.environ[r], os.environ[n]) for r, n in MPI_LOCAL_RANK_ENV
+                                    if r in os.environ and n in os.environ),
+                                   (hosts[:rank].count(hosts[rank]), hosts.count(hosts[rank])))
     master = None
     if rank == 0:  # a LaunchError here aborts the job (mpi_job), so no rank waits in the bcast
         master = (os.environ.get("MASTER_ADDR") or master_address(hosts),
