@@ -60,13 +60,12 @@ that address; "localhost" and "127.0.0.1" it folds into one) and reaches it thro
 
 
 def _ssh_stub(folder: Path) -> Path:
-    """An ssh stand-in for Open MPI (``plm_rsh_agent``): drops ssh's options and the host and runs the command here,
-    so mpirun starts a second daemon, a second "node", on this machine, with its own TMPDIR (its session folder,
-    which would otherwise be the first daemon's: both are named after this hostname)."""
+    """An ssh stand-in for Open MPI (``plm_rsh_agent``): notes its arguments, drops ssh's options and the host and
+    runs the command here, so mpirun starts a second daemon, a second "node", on this machine."""
     folder.mkdir(parents=True, exist_ok=True)
     stub = folder / "ssh"
-    stub.write_text('#!/usr/bin/env bash\nwhile [[ "$1" == -* ]]; do shift; done\n'
-                    'export TMPDIR="$(dirname "$0")/tmp-$1"\nmkdir -p "$TMPDIR"\nshift\nexec bash -c "$*"\n')
+    stub.write_text('#!/usr/bin/env bash\necho "$@" > "$(dirname "$0")/ssh.args"\n'
+                    'while [[ "$1" == -* ]]; do shift; done\nshift\nexec bash -c "$*"\n')
     stub.chmod(0o755)
     return stub
 
@@ -99,7 +98,7 @@ def _launches(tmp_path: Path, names: list[str], extra_env: dict[str, str] | None
         "deepspeed-2hosts": (["bash", "launch/deepspeed.sh"], {**ds_two, "NODE_RANK": "0"}),
         "deepspeed-2hosts/node1": (["bash", "launch/deepspeed.sh"], {**ds_two, "NODE_RANK": "1"}),
         "mpirun": (["bash", "launch/mpirun.sh"], {"MPI_ARGS": "--oversubscribe"}),
-        # HAN's node-level collectives split by the hostname, which both "nodes" share here; a cluster keeps HAN
+        # without coll ^han the first allgather fails here (HAN's node-level groups; both "nodes" are one machine)
         "mpirun-2hosts": (["bash", "launch/mpirun.sh"],
                           {"HOSTFILE": str(two_hosts), "MPI_ARGS": f"--mca plm_rsh_agent {_ssh_stub(tmp_path / 'ssh')} "
                                                                     "--mca coll ^han"}),
@@ -151,7 +150,7 @@ def test_every_launcher_gives_the_same_loss_log(tmp_path):
     for name, log in logs.items():
         assert log == logs["torchrun"], name
     if mpi == "mpirun-2hosts":  # mpirun reached the second "host" through the stand-in: a second daemon ran
-        assert (tmp_path / "ssh" / "tmp-127.0.0.2").is_dir()
+        assert "127.0.0.2" in (tmp_path / "ssh" / "ssh.args").read_text().split()
     # Slurm >= 22.05: srun is given the job's cores per task itself
     assert "--cpus-per-task=2" in (tmp_path / "slurm-bin" / "srun.args").read_text().split()
 
