@@ -106,12 +106,13 @@ def planned_state_bytes(cfg, world: int, stage: int) -> dict:
 
 
 def record_saved_bytes(engine) -> dict:
-    """Wrap the megatron engine's ``forward_backward`` in a ``SavedTensorMeter`` (parameters excluded): the
+    """Wrap the megatron engine's ``forward_backward`` in a ``SavedTensorMeter`` (parameters and buffers excluded:
+    model state, planned as weights and method buffers, e.g. FRoD's bases that its kernels save): the
     returned dict's ``peak`` is the most bytes saved for backward alive at once on this rank over the run's steps
     (1F1B's micro-batches in flight, a recomputed layer's set, the loss's saved tensors on the last stage)."""
     from dist_peft.profile.memory import SavedTensorMeter
 
-    meter = SavedTensorMeter([p for chunk in engine.chunks for p in chunk.parameters()])
+    meter = SavedTensorMeter([t for chunk in engine.chunks for t in (*chunk.parameters(), *chunk.buffers())])
     out = {"peak": 0}
     step = engine.forward_backward
 

@@ -364,11 +364,14 @@ def test_planned_activation_bytes_match_saved_tensors(runs, variant):
     last stage, full recompute's kept inputs and one recomputed layer) are within 10% of the peak the saved-tensor
     hooks measure over the steps, for LoRA on every projection: TP2×PP2 without and with sequence parallelism and
     full recompute, PP2, PP2×VP2 (also with block recompute), TP2 with selective recompute, 8192 tokens under SP
-    (measured: within 1.5% in each; the other methods' declared ``saved_bytes`` are not checked here)."""
+    (measured: within 1.5% in each); and for every other method each of these runs has (their
+    ``forward_saved_bytes`` and ``saves_input``; measured: within 6%, FO-LoRA the lowest at −2% to −6%)."""
     results, _ = runs
+    methods = list(METHODS) if variant in LAYOUTS else VARIANTS[variant][2]
     for rank, r in results.items():
-        planned, measured = r[variant, "lora"]["planned_saved"], r[variant, "lora"]["saved"]
-        assert abs(planned - measured) <= 0.10 * measured, (rank, planned, measured)
+        for method in methods:
+            planned, measured = r[variant, method]["planned_saved"], r[variant, method]["saved"]
+            assert abs(planned - measured) <= 0.10 * measured, (rank, method, planned, measured)
 
 
 def test_megatron_logits_equal_the_hf_models(runs, tmp_path):

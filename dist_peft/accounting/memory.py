@@ -32,8 +32,9 @@ tests/test_accounting.py; megatron-core TP2×PP2 with and without SP and recompu
                     megatron's local spec runs, saves its fp32 upcast too: at fp32 the input itself, shared with
                     the layer input a recompute keeps; layer 0's input norm saves nothing when the embedding is
                     frozen, in both engines)
-    norm outputs    a·h each, where a targeted q/k/v (gate/up) adapter saves its input (under SP the all-gathered
-                    input: megatron's own linears would keep the shard and re-gather, the adapters keep it whole)
+    norm outputs    a·h each, where a targeted q/k/v (gate/up) adapter saves its input (``saves_input``; under SP
+                    the all-gathered input: megatron's own linears would keep the shard and re-gather, the adapters
+                    keep it whole); likewise o_proj's and down_proj's inputs below
     attention       q, k after RoPE, v, output,         the fused qkv output a(nd + 2gd) (v is a view of it and
                     log-sum-exp (SDPA / flash):         keeps it whole), q and k after RoPE a(nd + gd), output a·nd,
                     a(2nd + 2gd) + 4n; no s² scores     log-sum-exp 4n; RoPE's cos and sin tables for q and k
@@ -43,7 +44,8 @@ tests/test_accounting.py; megatron-core TP2×PP2 with and without SP and recompu
     MLP             gate, SiLU(gate), up: 3af           fc1's fused output 2af (gate is a view), SiLU(gate) af and
                                                         megatron's ``up + glu_linear_offset`` copy af: 4af
                     down's input a·f if down_proj is targeted
-    adapters        the method's ``saved_bytes`` per site (LoRA: the a·r product A x)
+    adapters        the method's ``forward_saved_bytes`` per site and micro-batch over its tokens (LoRA: the a·r
+                    product A x; FRoD's per-forward path, OD-LoRA's and LoCA's weight-sized tensors)
 Tensor parallelism divides the attention and MLP terms by TP; sequence parallelism also the norm terms.
 Recompute: full keeps only each layer's input (a·h, /TP under SP) per micro-batch in flight, plus one layer's
 recomputed working set (its weight casts included; at fp32 less the kept input its norm saves; megatron: on the last
@@ -130,7 +132,13 @@ def layer_activation_bytes(shape: ModelShape, method: Any, layout: Layout, first
     """Bytes saved for backward per token of one decoder layer on one rank (module docstring), no recompute."""
     h, f, a, tp = shape.hidden, shape.intermediate, layout.act_bytes, layout.tp
     nd, gd, n = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.heads
-    targets = set(method.target_modules) if method is not None else set()
+    own, targets = 0, set()  # targets: the targeted module types whose adapters save their input
+    if method is not None:
+        cls, tokens = adapter_class(method), layout.micro_batch * layout.seq_len
+        for site in target_sites(shape, method.target_modules, tp, layout.weight_bytes):
+            own += cls.forward_saved_bytes(site, method.options, a, tokens) / tokens
+            if cls.saves_input(site, method.options, tokens):
+                targets.add(site.module_type)
     sp = tp if layout.sequence_parallel else 1
     megatron = layout.engine == "megatron"
     selective = layout.recompute == "selective"
@@ -145,11 +153,6 @@ def layer_activation_bytes(shape: ModelShape, method: Any, layout: Layout, first
         attn = a * (nd + 2 * gd) + kept_out + a * nd * ("o_proj" in targets)
         rope, mlp = 0, 3 * a * f
     mlp += a * f * ("down_proj" in targets)
-    own = 0
-    if method is not None:
-        cls = adapter_class(method)
-        for site in target_sites(shape, targets, tp, layout.weight_bytes):
-            own += cls.saved_bytes(site, method.options, a)
     return norms / sp + inputs + (attn + mlp) / tp + rope + own
 
 

@@ -226,6 +226,19 @@ class Adapter(nn.Module, abc.ABC):
         return 0
 
     @classmethod
+    def forward_saved_bytes(cls, shape: SiteShape, cfg: Any, act_bytes: int, tokens: int) -> int:
+        """Bytes the update saves for backward in one forward over ``tokens`` tokens (one micro-batch), beyond the
+        site's input: a method overrides it where that set depends on the micro-batch (a path chosen per forward)
+        or holds tensors of weight size (once per forward, not per token). Default: ``tokens`` · ``saved_bytes``."""
+        return tokens * cls.saved_bytes(shape, cfg, act_bytes)
+
+    @classmethod
+    def saves_input(cls, shape: SiteShape, cfg: Any, tokens: int) -> bool:
+        """Whether a forward over ``tokens`` tokens saves the site's input x for backward (the accounting counts it
+        once per input). Default: yes (x's product with a trainable factor)."""
+        return True
+
+    @classmethod
     def step_flops(cls, shape: SiteShape, cfg: Any) -> int:
         """FLOPs of between-step work per optimizer step (merges, solves, QR), averaged over its interval."""
         return 0

@@ -549,6 +549,12 @@ class FoloraAdapter(Adapter):
         return 8 * (shape.in_features // 2 + 1), 0
 
     @classmethod
+    def forward_saved_bytes(cls, shape: SiteShape, cfg: FoloraConfig, act_bytes: int, tokens: int) -> int:
+        """Per token z = V_t x (r, x's dtype); per forward the filters' spectra (V's rfft, r rows, and the T task
+        masks, n//2 + 1 bins of 8 bytes)."""
+        return act_bytes * tokens * cfg.r + 8 * (cfg.r + cfg.num_tasks) * (shape.in_features // 2 + 1)
+
+    @classmethod
     def extra_flops(cls, shape: SiteShape, tokens: int, cfg: FoloraConfig) -> tuple[int, int]:
         """LoRA's GEMMs on the local V_t columns, 2r(n_local + m_local) per token forward and twice that backward,
         plus the filters of all T tasks once per forward: rfft and irfft of V (≈ 5 r n log₂ n, the same again in

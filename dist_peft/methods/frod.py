@@ -298,9 +298,19 @@ class FrodAdapter(Adapter):
         return path_flops(m, n, d, k, tokens)[choose_path(cfg.path, m, n, d, k, tokens)]
 
     @classmethod
-    def saved_bytes(cls, shape: SiteShape, cfg: FrodConfig, act_bytes: int) -> int:
-        """z = a F (d values, fp32: the latent kernel computes in fp32), the kernel's only saved activation."""
-        return 4 * cls._latent(shape, cfg)[0]
+    def forward_saved_bytes(cls, shape: SiteShape, cfg: FrodConfig, act_bytes: int, tokens: int) -> int:
+        """The values of N (d + k, fp32) on either path (``choose_path`` for ``tokens``); the transform path also
+        z = a F (d per token, fp32: the latent kernel computes in fp32), the merged path nothing per token beyond the
+        input. F and F⁻¹, which both kernels save, are the basis' buffers (``buffer_bytes``), not activations."""
+        d, k = cls._latent(shape, cfg)
+        merged = choose_path(cfg.path, shape.m_local, shape.n_local, d, k, tokens) == "merged"
+        return 4 * (d + k + d * tokens * (not merged))
+
+    @classmethod
+    def saves_input(cls, shape: SiteShape, cfg: FrodConfig, tokens: int) -> bool:
+        """Only the merged path (x W′ᵀ); the transform path saves z, and the frozen base saves no input."""
+        d, k = cls._latent(shape, cfg)
+        return choose_path(cfg.path, shape.m_local, shape.n_local, d, k, tokens) == "merged"
 
     @classmethod
     def width_costs(cls, shape: SiteShape, cfg: FrodConfig) -> tuple[str, ...]:

@@ -642,10 +642,30 @@ class LocaAdapter(Adapter):
         return (fft + 2 * b) * tokens, (fft + (16 if cfg.learns_locations else 4) * b) * tokens
 
     @classmethod
-    def saved_bytes(cls, shape: SiteShape, cfg: LocaConfig, act_bytes: int) -> int:
-        """The spectral path keeps the input spectrum D x (n, in the input's dtype), shared by the sites that read
-        the same input (counted here per site: an upper bound)."""
-        return act_bytes * shape.in_features
+    def forward_saved_bytes(cls, shape: SiteShape, cfg: LocaConfig, act_bytes: int, tokens: int) -> int:
+        """By the path ``path_costs`` picks for ``tokens`` (distinct frequencies: their expectation for B uniform
+        locations, m(1 − (1 − w/m)^B), w = 3 with Eq. 5's neighbours while locations learn: an upper bound over the
+        phases): spectral keeps the input spectrum D x (n per token, the input's dtype; shared by the sites that
+        read the same input, counted here per site: an upper bound); gathered the fp32 X̂ at the column set
+        (cols per token) and the rows x cols coefficient matrix S of the forward; dense the fp32 input (a copy
+        only when the input is not fp32). None of them saves the input itself."""
+        m, n, b = shape.out_features, shape.in_features, cfg.n_frequency
+        w = 3 if cfg.learns_locations else 1
+        rows, cols = (round(size * (1 - (1 - min(w / size, 1)) ** b)) for size in (m, n))
+        path = cfg.path
+        if path == "auto":
+            costs = path_costs(tokens, m, n, shape.m_local, shape.n_local, b, rows, cols, cfg.learns_locations)
+            path = min(costs, key=costs.get)
+        if path == "spectral":
+            return act_bytes * n * tokens
+        if path == "gathered":
+            return 4 * cols * (tokens + rows)
+        return 4 * shape.n_local * tokens * (act_bytes != 4)
+
+    @classmethod
+    def saves_input(cls, shape: SiteShape, cfg: LocaConfig, tokens: int) -> bool:
+        """No path saves x (``forward_saved_bytes``); the frozen base saves no input."""
+        return False
 
     @classmethod
     def width_costs(cls, shape: SiteShape, cfg: LocaConfig) -> tuple[str, ...]:

@@ -287,9 +287,11 @@ class OdLoraAdapter(LoraAdapter):
         return 4 * p * tokens, 6 * p * tokens
 
     @classmethod
-    def saved_bytes(cls, shape: SiteShape, cfg: OdLoraConfig, act_bytes: int) -> int:
-        """The 2r-wide product [A ; Q_Aᵀ] x of the OD form."""
-        return act_bytes * 2 * cfg.r
+    def forward_saved_bytes(cls, shape: SiteShape, cfg: OdLoraConfig, act_bytes: int, tokens: int) -> int:
+        """The OD form's (``_OdForm``) H = x [Aᵀ | Q_A] (2r per token) and the concatenated L = [Q_B | B] and
+        R = [Aᵀ | Q_A] (2r(m_local + n_local) per forward, new tensors at every dtype), in x's dtype; the LoRA form
+        of the first round saves less (A x, r per token)."""
+        return act_bytes * 2 * cfg.r * (tokens + shape.m_local + shape.n_local)
 
     @classmethod
     def step_flops(cls, shape: SiteShape, cfg: OdLoraConfig) -> int:
