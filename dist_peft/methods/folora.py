@@ -551,7 +551,9 @@ class FoloraAdapter(Adapter):
     @classmethod
     def forward_saved_bytes(cls, shape: SiteShape, cfg: FoloraConfig, act_bytes: int, tokens: int) -> int:
         """Per token z = V_t x (r, x's dtype); per forward the filters' spectra (V's rfft, r rows, and the T task
-        masks, n//2 + 1 bins of 8 bytes)."""
+        masks, n//2 + 1 bins of 8 bytes). Not counted: the per-sample V_t the batched GEMM of mixed tasks saves
+        (samples · r · n_local), and that under megatron's sequence-first layout that GEMM saves a samples-first
+        copy of x in place of x (the same bytes, but one per site, not shared by the sites reading that input)."""
         return act_bytes * tokens * cfg.r + 8 * (cfg.r + cfg.num_tasks) * (shape.in_features // 2 + 1)
 
     @classmethod
