@@ -65,11 +65,11 @@ def smollm2_shaped(layers: int) -> nn.Module:
     return shaped("smollm2", layers)
 
 
-def ours(method: str, **options) -> Callable[[nn.Module], nn.Module]:
+def ours(method: str, targets: tuple[str, ...] = tuple(ALL), **options) -> Callable[[nn.Module], nn.Module]:
     def build(model: nn.Module) -> nn.Module:
-        inject_adapters(model, method, get_method(method).config_cls(**options), ALL)
+        inject_adapters(model, method, get_method(method).config_cls(**options), list(targets))
         return model
-    build.method = (method, options)  # for the FLOP floor (flop_floor)
+    build.method = (method, options, targets)  # for the FLOP floor (flop_floor)
     return build
 
 
@@ -107,6 +107,9 @@ CONFIGS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "frod": ours("frod", sparse_rate=0.01),
     "frod-transform": ours("frod", sparse_rate=0.01, path="transform"),
     "frod-merged": ours("frod", sparse_rate=0.01, path="merged"),
+    # Width-true shapes run 2 layers: k/v's stacked input-side HJD then has rank L·rows < hidden (2·1024 < 4096 at
+    # llama8b), which FRoD refuses; this one adapts the other five projections (as tools/bench_distributed.sh).
+    "frod-5": ours("frod", targets=("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), sparse_rate=0.01),
     "peft-frod": lambda model: __import__("peft").get_peft_model(
         model, __import__("peft").FrodConfig(target_modules=ALL, sparse_rate=0.01, progressbar=False)),
     # OD-LoRA and ScaLoRA do their work in Controller hooks, which every step calls as the Trainer does
@@ -177,7 +180,7 @@ def flop_floor(name: str, model: nn.Module, batch: int, seq: int) -> float | Non
     spec = getattr(CONFIGS[name], "method", None)
     if spec is None:
         return None
-    method = MethodConfig(name=spec[0], target_modules=tuple(ALL), options=get_method(spec[0]).config_cls(**spec[1]))
+    method = MethodConfig(name=spec[0], target_modules=spec[2], options=get_method(spec[0]).config_cls(**spec[1]))
     shape = ModelShape.from_hf(model.config)
     return executed_flops(shape, batch * seq, seq, method) / executed_flops(shape, batch * seq, seq)
 
