@@ -119,16 +119,16 @@ def latent_update(a: Tensor, first: Tensor, first_inv: Tensor, values: Tensor, p
     return _LatentUpdate.apply(a, first, first_inv, values, pattern)
 
 
-def _factors(weight: Tensor, first: Tensor, first_inv: Tensor, side: str) -> tuple[Tensor, Tensor]:
-    """(Lᵀ, R) of ΔW = L N R (``merged_linear``): input side L = W F⁻ᵀ, R = Fᵀ; output side L = F⁻ᵀ, R = Fᵀ W."""
-    w = weight.to(first.dtype)
+def _factors(w: Tensor, first: Tensor, first_inv: Tensor, side: str) -> tuple[Tensor, Tensor]:
+    """(Lᵀ, R) of ΔW = L N R (``merged_linear``): input side L = W F⁻ᵀ, R = Fᵀ; output side L = F⁻ᵀ, R = Fᵀ W
+    (W already in F's dtype: the caller casts it once for both helpers)."""
     return (first_inv @ w.T, first.T) if side == "input" else (first_inv, first.T @ w)
 
 
-def _merged_weight(weight: Tensor, lt: Tensor, r: Tensor, values: Tensor, pattern: CsrPattern) -> Tensor:
+def _merged_weight(w: Tensor, lt: Tensor, r: Tensor, values: Tensor, pattern: CsrPattern) -> Tensor:
     """W′ = W + (L N) R, with (L N)ᵀ = Nᵀ Lᵀ by the CSR of Nᵀ (d × m) and one dense product."""
     ln_t = _csr(pattern.t_crow, pattern.t_cols, values[pattern.t_perm], lt.shape[0]) @ lt
-    return torch.addmm(weight.to(lt.dtype), ln_t.T, r)
+    return torch.addmm(w, ln_t.T, r)
 
 
 class _MergedLinear(torch.autograd.Function):
@@ -138,7 +138,8 @@ class _MergedLinear(torch.autograd.Function):
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(x.device.type, enabled=False):
             first, first_inv, vals = (t.to(dtype) for t in (first, first_inv, values))
-            merged = _merged_weight(weight, *_factors(weight, first, first_inv, side), vals, pattern)
+            w = weight.to(dtype)
+            merged = _merged_weight(w, *_factors(w, first, first_inv, side), vals, pattern)
             y = torch.nn.functional.linear(x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype))
         ctx.save_for_backward(x, vals, weight, first, first_inv)  # not W′: it is rebuilt (module docstring)
         ctx.pattern, ctx.side, ctx.values_dtype = pattern, side, values.dtype
@@ -149,10 +150,11 @@ class _MergedLinear(torch.autograd.Function):
         x, vals, weight, first, first_inv = ctx.saved_tensors
         p = ctx.pattern
         with torch.autocast(g.device.type, enabled=False):
-            lt, r = _factors(weight, first, first_inv, ctx.side)
+            w = weight.to(first.dtype)
+            lt, r = _factors(w, first, first_inv, ctx.side)
             d_x = None
             if ctx.needs_input_grad[0]:
-                d_x = g @ _merged_weight(weight, lt, r, vals, p).to(g.dtype)
+                d_x = g @ _merged_weight(w, lt, r, vals, p).to(g.dtype)
             g2, x2 = g.reshape(-1, g.shape[-1]).to(lt.dtype), x.reshape(-1, x.shape[-1]).to(lt.dtype)
             right = (g2.T @ x2) @ r.T  # ∂W′ Rᵀ, ∂W′ = Gᵀ X the one weight-gradient GEMM
             template = _csr(p.crow, p.cols, torch.zeros_like(vals), lt.shape[0])
