@@ -302,6 +302,29 @@ def test_kernel_saves_its_activation_in_the_activation_dtype(side, tmp_path):
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_merged_path_multiplies_in_the_autocast_dtype(side, tmp_path):
+    """An fp32 site under bf16 autocast (``train.precision: bf16`` of an fp32 model): the merged path's token GEMMs
+    run in bf16 as the frozen layer's do (output bf16, the autocast linear's dtype; before: fp32 GEMMs with autocast
+    switched off), ∂x comes back fp32, and output and Σ/S gradients stay within bf16 rounding of the fp32 run."""
+    adapter, _, sites = _adapter(side, tmp_path, m=24, n=16, path="merged")
+    with torch.no_grad():
+        adapter.frod_s.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
+    x0 = torch.randn(64, 16, generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for bf16 in (False, True):
+        adapter.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = adapter.forward_site(x, lambda t: F.linear(t, sites[0].weight))
+        y.float().square().sum().backward()
+        runs[bf16] = y, x.grad, adapter.frod_sigma.grad.clone(), adapter.frod_s.grad.clone()
+    assert runs[True][0].dtype == torch.bfloat16 and runs[False][0].dtype == torch.float32
+    assert runs[True][1].dtype == torch.float32
+    for got, want in zip(runs[True], runs[False]):
+        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
 def test_forward_site_equals_the_additive_contract_form(tmp_path):
     """Input side: base(x̃) (one base matmul) equals base(x) + W(x̃ − x), the contract's forward(x, base_out)."""
     adapter, _, sites = _adapter("input", tmp_path)

@@ -131,18 +131,26 @@ def _merged_weight(w: Tensor, lt: Tensor, r: Tensor, values: Tensor, pattern: Cs
     return torch.addmm(w, ln_t.T, r)
 
 
+def _gemm_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the merged path's three token-count GEMMs: autocast's where it is on (a bf16-autocast step of an
+    fp32 model multiplies in bf16, as the frozen layer beside it does), else x's."""
+    on = torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
+    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
+
+
 class _MergedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, weight: Tensor, bias: Tensor | None, first: Tensor,
                 first_inv: Tensor, pattern: CsrPattern, side: str) -> Tensor:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        gemm = _gemm_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             first, first_inv, vals = (t.to(dtype) for t in (first, first_inv, values))
             w = weight.to(dtype)
             merged = _merged_weight(w, *_factors(w, first, first_inv, side), vals, pattern)
-            y = torch.nn.functional.linear(x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            y = torch.nn.functional.linear(x.to(gemm), merged.to(gemm), None if bias is None else bias.to(gemm))
         ctx.save_for_backward(x, vals, weight, first, first_inv)  # not W′: it is rebuilt (module docstring)
-        ctx.pattern, ctx.side, ctx.values_dtype = pattern, side, values.dtype
+        ctx.pattern, ctx.side, ctx.values_dtype, ctx.gemm = pattern, side, values.dtype, gemm
         return y
 
     @staticmethod
@@ -152,11 +160,11 @@ class _MergedLinear(torch.autograd.Function):
         with torch.autocast(g.device.type, enabled=False):
             w = weight.to(first.dtype)
             lt, r = _factors(w, first, first_inv, ctx.side)
-            d_x = None
+            d_x, gemm = None, ctx.gemm
             if ctx.needs_input_grad[0]:
-                d_x = g @ _merged_weight(w, lt, r, vals, p).to(g.dtype)
-            g2, x2 = g.reshape(-1, g.shape[-1]).to(lt.dtype), x.reshape(-1, x.shape[-1]).to(lt.dtype)
-            right = (g2.T @ x2) @ r.T  # ∂W′ Rᵀ, ∂W′ = Gᵀ X the one weight-gradient GEMM
+                d_x = (g.to(gemm) @ _merged_weight(w, lt, r, vals, p).to(gemm)).to(x.dtype)
+            g2, x2 = g.reshape(-1, g.shape[-1]).to(gemm), x.reshape(-1, x.shape[-1]).to(gemm)
+            right = (g2.T @ x2).to(lt.dtype) @ r.T  # ∂W′ Rᵀ, ∂W′ = Gᵀ X the one weight-gradient GEMM
             template = _csr(p.crow, p.cols, torch.zeros_like(vals), lt.shape[0])
             d_values = torch.sparse.sampled_addmm(template, lt, right, beta=0.0).values()
         return d_x, d_values.to(ctx.values_dtype), None, None, None, None, None, None
@@ -172,7 +180,8 @@ def merged_linear(x: Tensor, values: Tensor, weight: Tensor, bias: Tensor | None
     i.e. ΔW = L N R, built as (Nᵀ Lᵀ)ᵀ R with W's local block: 4mnd + 2m|P| FLOPs (m × n the local W, d the
     latent dimension), never the d × d matrix K (2d³, the same on every tensor-parallel rank, where ΔW = L N R
     splits with W). Backward: ∂x = G W′, ∂W′ = Gᵀ X, ∂N = Lᵀ ∂W′ Rᵀ sampled on the pattern (SDDMM):
-    2mnT + 6mnd + 4m|P| with the rebuild. W′ is built in fp32 (fp64 for fp64 x) and used in x's dtype; it is not
+    2mnT + 6mnd + 4m|P| with the rebuild. W′ is built in fp32 (fp64 for fp64 x); the forward's, ∂x's and ∂W′'s GEMMs
+    run in autocast's dtype where it is on (output in it, as autocast's linear gives), else x's. W′ is not
     saved for backward (an m × n tensor per site alive through the forward would hold a second copy of every
     adapted weight) but rebuilt there."""
     return _MergedLinear.apply(x, values, weight, bias, first, first_inv, pattern, side)
