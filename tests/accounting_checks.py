@@ -29,19 +29,26 @@ def _tensors(obj):
             yield from _tensors(x)
 
 
-def _storage_bytes(tensors) -> int:
+def _storage_bytes(tensors, leave_out=()) -> int:
     """Bytes of the distinct storages behind ``tensors`` (views of one flat buffer count it once, padding
-    included; meta and empty tensors count nothing)."""
+    included; meta and empty tensors count nothing), but for the storages of ``leave_out``."""
     seen: dict[int, int] = {}
     for t in tensors:
         if t is not None and t.device.type != "meta" and t.untyped_storage().nbytes():
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    for t in leave_out:
+        seen.pop(t.untyped_storage().data_ptr(), None)
     return sum(seen.values())
 
 
-def _zero_grads(zero, params) -> list:
-    return [p.grad for p in params] + [t for name in ZERO_GRADS for t in _tensors(getattr(zero, name, None))] \
+def _zero_grad_bytes(zero, params) -> int:
+    """Gradient bytes DeepSpeed holds on this rank, its reduction bucket left out (``reduce_bucket_size``
+    elements whatever the model's size, not planned: accounting/memory.py); the ``.grad`` of a tensor copied into
+    the bucket is a view of it."""
+    grads = [p.grad for p in params] + [t for name in ZERO_GRADS for t in _tensors(getattr(zero, name, None))] \
         + [flat.grad for name in ZERO_MASTERS for flat in getattr(zero, name, None) or []]
+    bucket = [b.buffer for b in getattr(zero, "ipg_buckets", {}).values()]  # ZeRO-1/2: a list; 3: one tensor
+    return _storage_bytes(grads, list(_tensors(bucket)))
 
 
 def record_state_bytes(trainer) -> dict:
@@ -50,8 +57,9 @@ def record_state_bytes(trainer) -> dict:
 
     Under DeepSpeed ZeRO the counts are the distinct storages the engine holds on this rank: frozen weights (their
     ZeRO-3 partitions ``ds_tensor`` and any gathered value), the adapters (the padded flat buffer their ZeRO-1/2
-    values are views of, their ZeRO-3 partitions), the gradients (the model's ``.grad``, DeepSpeed's partitions
-    and buckets, the fp32 flat gradient of the step; also measured after each micro-batch's backward but the
+    values are views of, their ZeRO-3 partitions), the gradients (the model's ``.grad``, DeepSpeed's partitions,
+    the fp32 flat gradient of the step, not its reduction bucket; also measured at the end of each micro-batch's
+    backward before DeepSpeed reduces: ZeRO-1's whole gradients at the last, and after each backward but the
     last), and the optimizer (DeepSpeed's fp32 master partitions and the AdamW moments of the partitions)."""
     out: dict = {}
     step = trainer.optimizer.step
@@ -77,7 +85,7 @@ def record_state_bytes(trainer) -> dict:
         frozen = [p for p in ds.module.parameters() if not p.requires_grad]
         keep("frozen", _storage_bytes([p.data for p in frozen] + [getattr(p, "ds_tensor", None) for p in frozen]))
         keep("adapters", _storage_bytes([p.data for p in params] + [getattr(p, "ds_tensor", None) for p in params]))
-        keep("gradients", _storage_bytes(_zero_grads(zero, params)))
+        keep("gradients", _zero_grad_bytes(zero, params))
         result = step(*args, **kwargs)
         keep("optimizer", _storage_bytes(moments() + [t for name in ZERO_MASTERS
                                                       for t in getattr(zero, name, None) or []]))
@@ -85,14 +93,18 @@ def record_state_bytes(trainer) -> dict:
 
     trainer.optimizer.step = measured_step
     if ds is not None:
-        backward = ds.backward
+        backward, reduce = ds.backward, ds.engine.allreduce_gradients
 
         def measured_backward(loss, last):
             backward(loss, last)
             if not last:
-                keep("gradients", _storage_bytes(_zero_grads(ds.engine.optimizer, list(trainer.params.values()))))
+                keep("gradients", _zero_grad_bytes(ds.engine.optimizer, list(trainer.params.values())))
 
-        ds.backward = measured_backward
+        def measured_reduce(*args, **kwargs):  # the engine's backward calls it once autograd is done
+            keep("gradients", _zero_grad_bytes(ds.engine.optimizer, list(trainer.params.values())))
+            return reduce(*args, **kwargs)
+
+        ds.backward, ds.engine.allreduce_gradients = measured_backward, measured_reduce
     return out
 
 

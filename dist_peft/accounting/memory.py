@@ -9,17 +9,21 @@ Model states, per rank of one pipeline stage (P_f frozen elements, P_a adapter e
                (``Adapter.group_numels``: FRoD's S under ``s_lr`` and LoCA's locations have their own), each
                flattened, padded and stepped on its own; p_g its partition. 1: moments and an fp32 copy of the
                partition (``single_partition_of_fp32_groups``); each group's adapters sit in one flat buffer padded to
-               a multiple of 2·DP elements (p_g = ⌈P_g / 2DP⌉·2: 4·DP·Σp_g whole, 12·Σp_g optimizer); the whole
-               gradients live through the backward; 2: + gradient partitions: group g's fp32 gradient while it steps,
-               with the reduced partitions of the later groups holding the whole partition buffer (4·(Σp_g + the
-               largest p_g but the last's), 4·p for one group); 3: every tensor is split into ⌈numel / DP⌉-element
-               partitions (p_g = ⌈P_g/DP⌉, the adapters: 4·Σp_g; frozen: w·Σ⌈n/DP⌉, a tensor of at most
-               ``stage3_param_persistence_threshold`` elements (1e5) also stays whole), the optimizer holds the fp32
-               master and moments of the partition (12·Σp_g), and at the step the reduced
+               a multiple of 2·DP elements (p_g = ⌈P_g / 2DP⌉·2: 4·DP·Σp_g whole, 12·Σp_g optimizer); the whole fp32
+               gradients (4·P_a) live from the first micro-batch's backward to the reduction ending the last, then the
+               step holds 2's gradient bytes: the larger of the two; 2: + gradient partitions: group g's fp32 gradient
+               while it steps, with the reduced partitions of the later groups holding the whole partition buffer
+               (4·(Σp_g + the largest p_g but the last's), 4·p for one group); 3: every tensor is split into
+               ⌈numel / DP⌉-element partitions (p_g = ⌈P_g/DP⌉, the adapters: 4·Σp_g; frozen: w·Σ⌈n/DP⌉, a
+               tensor of at most ``stage3_param_persistence_threshold`` elements (1e5) also stays whole), the
+               optimizer holds the fp32 master and moments of the partition (12·Σp_g), and at the step the reduced
                ``grad_partitions_flat_buffer`` and the stepping group's flattened fp32 copy for the inner optimizer
                (4·(Σp_g + max p_g): 8·p for one group); ``gathered``: the working set of whole frozen weights during
                the forward and backward (``stage3_max_live_parameters``, 1e9 elements by default, at least one decoder
-               layer, at most the stage)
+               layer, at most the stage). Not counted, at any stage: DeepSpeed's reduction bucket
+               (``reduce_bucket_size`` elements of the gradients' dtype, 5e8 by default whatever the model's size:
+               2 GB in fp32, twice with ``overlap_comm``), held through each backward under 1 and 2 and through the
+               whole run under 3
 Megatron's 18 B/param (and DeepSpeed's estimators) assume every parameter trains; under adapters only P_a pays
 the 16 B/element, the frozen weights pay w.
 
@@ -262,10 +266,10 @@ def _model_states(st: StageMemory, frozen: int, groups: list[int], layout: Layou
     parts = [-(-g // (2 * dp)) * 2 if z < 3 else math.ceil(g / dp) for g in groups] or [0]
     st.adapters = 4 * sum(parts) * (dp if z < 3 else 1)
     st.optimizer = 12 * sum(parts)
-    if z == 1:
-        st.gradients = 4 * trainable
-    elif z == 2:  # group i steps while the later groups' reduced gradients still hold the whole partition buffer
+    if z < 3:  # group i steps while the later groups' reduced gradients still hold the whole partition buffer
         st.gradients = 4 * max(sum(parts) + max(parts[:-1], default=0), parts[-1])
+        if z == 1:  # and before that the whole gradients, until the boundary's reduction
+            st.gradients = max(st.gradients, 4 * trainable)
     else:  # the reduced partitions of every group, and the fp32 flat gradient of the group stepping
         st.gradients = 4 * (sum(parts) + max(parts))
     if z == 3:
