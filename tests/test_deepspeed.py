@@ -127,10 +127,15 @@ _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast
 @contextlib.contextmanager
 def _counting_collectives():
     """Inside: every torch.distributed collective call (ours through parallel/collectives.py, DeepSpeed's through
-    deepspeed.comm) is counted in the yielded list's one element."""
+    deepspeed.comm, whose backend also holds all_gather_into_tensor and reduce_scatter_tensor bound at its start:
+    ZeRO-3's parameter gathers) is counted in the yielded list's one element."""
     import torch.distributed as dist
+    from deepspeed.comm import comm
 
-    calls, saved = [0], {name: getattr(dist, name) for name in _COLLECTIVES}
+    backend = [(comm.cdb, name) for name in ("all_gather_function", "reduce_scatter_function")
+               if getattr(comm.cdb, name, None) is not None]
+    targets = [(dist, name) for name in _COLLECTIVES] + backend
+    calls, saved = [0], [(owner, name, getattr(owner, name)) for owner, name in targets]
 
     def counted(fn):
         def call(*args, **kwargs):
@@ -138,13 +143,27 @@ def _counting_collectives():
             return fn(*args, **kwargs)
         return call
 
-    for name, fn in saved.items():
-        setattr(dist, name, counted(fn))
+    for owner, name, fn in saved:
+        setattr(owner, name, counted(fn))
     try:
         yield calls
     finally:
-        for name, fn in saved.items():
-            setattr(dist, name, fn)
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def _counted_hooks(trainer) -> list[tuple[int, str, int]]:
+    """Filled while ``trainer`` runs: (step, hook, torch.distributed calls) of each controller hook that runs,
+    its engine view (gathers, gradients, write-back) included."""
+    hooks, run = [], trainer.ds._run_hook
+
+    def counted(controller, name, ctx):
+        with _counting_collectives() as calls:
+            run(controller, name, ctx)
+        hooks.append((ctx.step, name, calls[0]))
+
+    trainer.ds._run_hook = counted
+    return hooks
 
 
 def _hook_collectives(root, stage, layers) -> dict:
@@ -154,16 +173,9 @@ def _hook_collectives(root, stage, layers) -> dict:
     t = Trainer(_cfg(f"{root}/count-z{stage}-{layers}", WORLD, zero, train={**TRAIN, "grad_accum": 1},
                      model={"tiny": {"num_hidden_layers": layers}}), echo=lambda m: None)
     t.controller = _Rescaler(t.controller.adapters)
-    counts, run = {}, t.ds._run_hook
-
-    def counted(controller, name, ctx):
-        with _counting_collectives() as calls:
-            run(controller, name, ctx)
-        counts[name] = calls[0]
-
-    t.ds._run_hook = counted
+    hooks = _counted_hooks(t)
     t.train_step()
-    return {"counts": counts, "tensors": len(t.params)}
+    return {"counts": {name: calls for _, name, calls in hooks}, "tensors": len(t.params)}
 
 
 def _traced_steps(trainer) -> list[dict[str, int]]:
@@ -326,10 +338,9 @@ def _zero_runs(root: str) -> dict:
         for stage in STAGES:
             try:
                 t = Trainer(_method_cfg(root, WORLD, name, stage), echo=lambda m: None)
-                state = record_state_bytes(t)
-                traced = _traced_steps(t)
+                state, traced, hooks = record_state_bytes(t), _traced_steps(t), _counted_hooks(t)
                 t.run()
-                out[name, stage] = {**_record(t), "state": state,
+                out[name, stage] = {**_record(t), "state": state, "hooks": hooks,
                                     "planned_state": planned_state_bytes(t.cfg, WORLD, 0), "traced": traced}
             except Exception as e:  # noqa: BLE001 — handed to the test
                 out[name, stage] = f"{type(e).__name__}: {e}"
@@ -429,6 +440,27 @@ def test_zero2_hooks_without_whole_gradients_add_no_collective(zero_runs):
 
 
 def _single(tmp_path, name, controller=None, **kw):
+def test_hooks_declaring_no_values_or_whole_gradients_make_no_collective(zero_runs):
+    """Under ZeRO-1, 2 and 3, counting every torch.distributed call (DeepSpeed's included) of each controller hook
+    and its engine view: LoCA's before-step hooks (local gradients, no values: under ZeRO-3 a NaN placeholder of
+    each tensor's shape, not a gather), its after-step hooks outside location steps, and FO-LoRA's hooks outside
+    refit steps (no gradients, no values) make none; before issue 16's ``value_access`` every ZeRO-3 hook made
+    one all-gather of the adapter's values. LoCA's location steps gather (ZeRO-3: DeepSpeed's coalesced
+    all-gather) or need nothing (ZeRO-1/2)."""
+    _, results = zero_runs
+    loca = dict(METHODS["loca"][0])
+    for r in results.values():
+        for stage in STAGES:
+            for step, hook, calls in r["loca", stage]["hooks"]:
+                location = step % (loca["coef_steps"] + loca["loc_steps"]) >= loca["coef_steps"] \
+                    and step < loca["alternate_until"]
+                gathers = hook == "after_optimizer_step" and location and stage == 3
+                assert 0 < calls <= 3 if gathers else calls == 0, (stage, step, hook, calls)
+            hooks = r["folora", stage]["hooks"]
+            assert len(hooks) == 2 * METHOD_TRAIN["steps"]
+            assert all(calls == 0 for step, hook, calls in hooks if step not in (2, 5)), (stage, hooks)
+
+
     t = Trainer(_cfg(tmp_path / name, 1, **kw), echo=lambda m: None)
     if controller is not None:
         t.controller = controller(t.controller.adapters)

@@ -69,6 +69,9 @@ def test_training_lowers_heldout_loss_and_writes_logs(tmp_path):
 class _Recorder(Controller):
     calls: list = []
 
+    def gradient_access(self, step):
+        return "none" if step == 1 else "whole"
+
     def before_optimizer_step(self, ctx):
         grads = [a.lora_B.grad for a in self.adapters.values()]
         self.calls.append(("before", ctx.step, all(g is not None for g in grads)))
@@ -78,11 +81,43 @@ class _Recorder(Controller):
 
 
 def test_controller_hooks_run_once_per_optimizer_step(tmp_path, monkeypatch):
-    """With grad_accum 3, each optimizer step calls before (gradients final) then after, exactly once."""
+    """With grad_accum 3, each optimizer step calls before (gradients final) then after, exactly once; the hooks
+    see gradients only where declared (``gradient_access``: none in step 1; after-step hooks none), in every
+    engine, as ZeRO's partitioned gradients are."""
     monkeypatch.setattr(LoraAdapter, "controller_cls", _Recorder)
     _Recorder.calls = []
     Trainer(tiny_config(tmp_path, train={"steps": 2, "micro_batch_size": 1, "grad_accum": 3}), echo=lambda m: None).run()
-    assert _Recorder.calls == [("before", 0, True), ("after", 0, True), ("before", 1, True), ("after", 1, True)]
+    assert _Recorder.calls == [("before", 0, True), ("after", 0, False), ("before", 1, False), ("after", 1, False)]
+
+
+class _Undeclared(Controller):
+    """Declares no gradients and no values, then writes one (``_Undeclared.writes``)."""
+    writes = "grad"
+
+    def gradient_access(self, step):
+        return "none"
+
+    def value_access(self, hook, ctx):
+        return False
+
+    @torch.no_grad()
+    def before_optimizer_step(self, ctx):
+        a = next(iter(self.adapters.values()))
+        if self.writes == "grad":
+            a.lora_B.grad = torch.ones_like(a.lora_B)
+        else:
+            a.lora_B.add_(1.0)
+
+
+@pytest.mark.parametrize("writes", ["grad", "value"])
+def test_a_hook_that_touches_what_it_declared_untouched_is_an_error(tmp_path, monkeypatch, writes):
+    """A hook that sets a gradient under ``gradient_access`` none, or writes a value under ``value_access`` False,
+    is refused in the single-process engine too (a partitioning engine would have dropped the write silently)."""
+    monkeypatch.setattr(LoraAdapter, "controller_cls", _Undeclared)
+    monkeypatch.setattr(_Undeclared, "writes", writes)
+    with pytest.raises(RuntimeError, match=f"_Undeclared.before_optimizer_step of step 0 wrote .*lora_B"
+                                           f"{'.grad' if writes == 'grad' else ''}.*fix its declaration"):
+        Trainer(tiny_config(tmp_path, train={"steps": 1}), echo=lambda m: None).run()
 
 
 def test_lr_schedule_warmup_then_cosine():

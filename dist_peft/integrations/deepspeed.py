@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import logging
 import os
 import warnings
@@ -71,7 +72,7 @@ import torch
 from torch import Tensor, nn
 
 from dist_peft.integrations.transformers import adapted_sites
-from dist_peft.methods.base import Controller, StepContext
+from dist_peft.methods.base import Controller, StepContext, declared_access
 from dist_peft.parallel import collectives
 from dist_peft.parallel.runtime import ensure_process_group
 from dist_peft.profile.timer import NULL_TIMER
@@ -396,26 +397,28 @@ class ZeroEngine:
         if getattr(type(controller), name) is getattr(Controller, name):
             return  # not overridden (LoRA): nothing to gather
         grads = controller.gradient_access(ctx.step) if name == "before_optimizer_step" else "none"
-        with self.controller_view(grads):
+        with self.controller_view(grads, controller.value_access(name, ctx)), \
+                declared_access(controller, name, ctx, self.params):
             getattr(controller, name)(ctx)
 
     @contextlib.contextmanager
-    def controller_view(self, grads: str) -> Iterator[None]:
-        """Whole values of every trainable tensor inside, and reduced gradients as ``grads`` says
-        (``Controller.gradient_access``: ``whole``, ``local`` or ``none``; None for tensors without one); on exit
-        each rank writes its own part of them back into DeepSpeed's partitions.
+    def controller_view(self, grads: str, values: bool = True) -> Iterator[None]:
+        """Whole values of every trainable tensor inside where ``values`` (``Controller.value_access``), and reduced
+        gradients as ``grads`` says (``Controller.gradient_access``: ``whole``, ``local`` or ``none``; None for
+        tensors without one); on exit each rank writes its own part of them back into DeepSpeed's partitions.
 
         Decision (issue 17, coalesced): at most one collective per view for the gradients, whatever the number of
         tensors (``_grads``), plus under ZeRO-3 DeepSpeed's one coalesced all-gather of the values; ``local`` and
-        ``none`` need none for the gradients. The write-back is local (no collective: every rank holds the same
+        ``none`` need none for the gradients, and a hook that declares no values (``value_access``) needs no gather
+        (ZeRO-3) and no write-back (``declared_access`` holds it to that). The write-back is local (no collective: every rank holds the same
         whole values, the contract of every engine; of a ``local`` gradient it writes exactly the part the rank
         was given) and has no host synchronisation: fp32 tensors are written back whole-sale (exact), others only
         where they changed, selected on the device."""
         if grads not in ("whole", "local", "none"):
             raise ValueError(f"gradient_access: {grads!r} is not 'whole', 'local' or 'none'")
         params = list(self.params.values())
-        with torch.no_grad(), self._whole_values(params):
-            before = {id(p): p.detach().clone() for p in params if p.dtype != torch.float32}
+        with torch.no_grad(), self._whole_values(params, "gather" if values else "shape" if grads != "none" else ""):
+            before = {id(p): p.detach().clone() for p in params if values and p.dtype != torch.float32}
             if grads != "none":
                 flat = self._grads(params, whole=grads == "whole")
                 for p, g in zip(params, flat):
@@ -423,21 +426,29 @@ class ZeroEngine:
             try:
                 yield
             finally:
-                self._write_back(params, before, grads != "none")
+                self._write_back(params, before, values, grads != "none")
 
     @contextlib.contextmanager
-    def _whole_values(self, params: list[nn.Parameter]) -> Iterator[None]:
-        """ZeRO-3: every partitioned tensor gathered (DeepSpeed's coalesced all-gather), released without
-        DeepSpeed writing anything back. ZeRO-1/2 keep whole model copies: nothing to do."""
+    def _whole_values(self, params: list[nn.Parameter], how: str) -> Iterator[None]:
+        """ZeRO-3, ``how`` "gather": every partitioned tensor gathered (DeepSpeed's coalesced all-gather), released
+        without DeepSpeed writing anything back; "shape": each holds a NaN placeholder of its whole shape instead
+        (no collective: the hook declared no values, and torch attaches a ``.grad`` only of the tensor's shape; a
+        read it did not declare gets NaN, which the step's check refuses, not a stale number); "": untouched.
+        ZeRO-1/2 keep whole model copies: nothing to do."""
         away = [p for p in params if getattr(p, "ds_status", None) is not None and not p.ds_persist
-                and p.ds_status.name == "NOT_AVAILABLE"]
-        if away:
+                and p.ds_status.name == "NOT_AVAILABLE"] if how else []
+        empty = [p.data for p in away]
+        if away and how == "gather":
             away[0].all_gather_coalesced(away).wait()
+        for p in away if how == "shape" else ():
+            p.data = torch.full(_full_shape(p), math.nan, dtype=p.dtype, device=p.device)
         try:
             yield
         finally:
-            if away:
+            if away and how == "gather":
                 away[0].partition(param_list=away, has_been_updated=False)
+            for p, data in zip(away, empty) if how == "shape" else ():
+                p.data = data
 
     def _grads(self, params: list[nn.Parameter], whole: bool) -> list[Tensor]:
         """Every tensor's reduced fp32 gradient, flattened: with ``whole`` all of it, from one collective over the
@@ -497,10 +508,10 @@ class ZeroEngine:
         every = collectives.all_gather_cat(torch.cat(parts).float(), 0, self.dp_group).view(world, -1)
         return [block.reshape(-1) for block in every.split(sizes, dim=1)]
 
-    def _write_back(self, params: list[nn.Parameter], before: Mapping[int, Tensor], grads: bool) -> None:
-        """This rank's part of every value into the master copy (and ZeRO-3's model partition), and with
-        ``grads`` of every gradient into DeepSpeed's reduced gradient (a hook may also drop one: None)."""
-        for p in params:
+    def _write_back(self, params: list[nn.Parameter], before: Mapping[int, Tensor], values: bool, grads: bool) -> None:
+        """With ``values``, this rank's part of every value into the master copy (and ZeRO-3's model partition), and
+        with ``grads`` of every gradient into DeepSpeed's reduced gradient (a hook may also drop one: None)."""
+        for p in params if values else ():
             new = p.detach().reshape(-1)
             changed = None if p.dtype == torch.float32 else (new != before[id(p)].reshape(-1)).any()
             _write_value(p, new, changed)

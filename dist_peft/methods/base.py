@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +111,12 @@ class Controller:
         collective); ``"none"`` neither reads nor writes any ``.grad``. Default ``"whole"``: right for any hook."""
         return "whole"
 
+    def value_access(self, hook: str, ctx: "StepContext") -> bool:
+        """Whether hook ``hook`` (``"before_optimizer_step"`` or ``"after_optimizer_step"``) of the step ``ctx``
+        reads or writes the values of trainable tensors, for engines that partition them (ZeRO-3 gathers them only
+        then, ZeRO-1/2 write them back only then). Default True: right for any hook."""
+        return True
+
     def after_optimizer_step(self, ctx: "StepContext") -> None:
         """Default: nothing to do (LoRA)."""
 
@@ -125,6 +131,32 @@ class Controller:
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} holds no state, but the checkpoint has {sorted(state)}")
+
+
+@contextlib.contextmanager
+def declared_access(controller: Controller, hook: str, ctx: "StepContext",
+                    params: Mapping[str, nn.Parameter]) -> Iterator[None]:
+    """Runs a controller hook held to its declarations (``Controller.gradient_access``, ``value_access``) in every
+    engine, so that a wrong one fails the single-process reference tests instead of silently losing work where a
+    partitioning engine skips what was declared unneeded: with ``"none"`` gradients (every after-step hook) each
+    ``.grad`` is hidden (None) inside and restored after, and one set inside is an error; without values, an
+    in-place write to one (its version counter moves) is an error. Host-side checks only, no device work."""
+    grads = controller.gradient_access(ctx.step) if hook == "before_optimizer_step" else "none"
+    versions = None if controller.value_access(hook, ctx) else {n: p._version for n, p in params.items()}
+    hidden = {n: p.grad for n, p in params.items()} if grads == "none" else None
+    for p in params.values() if hidden is not None else ():
+        p.grad = None
+    try:
+        yield
+        bad = [f"{n}.grad" for n, p in params.items() if hidden is not None and p.grad is not None]
+        bad += [n for n, p in params.items() if versions is not None and p._version != versions[n]]
+        if bad:
+            raise RuntimeError(f"{type(controller).__name__}.{hook} of step {ctx.step} wrote {', '.join(bad[:3])}, "
+                               f"which it declared not to touch (gradient_access {grads!r}, value_access "
+                               f"{versions is None}): fix its declaration")
+    finally:
+        for n, p in params.items() if hidden is not None else ():
+            p.grad = hidden[n]
 
 
 @dataclass(frozen=True)

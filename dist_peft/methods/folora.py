@@ -433,6 +433,10 @@ class FoloraController(Controller):
         otherwise (the task-id check reads no gradient)."""
         return "none" if self._captured is None else "whole"
 
+    def value_access(self, hook: str, ctx: StepContext) -> bool:
+        """Only a refit step's before-step hook (it adds δ to ``folora_G``)."""
+        return hook == "before_optimizer_step" and self._captured is not None
+
     def before_optimizer_step(self, ctx: StepContext) -> None:
         self.check_tasks()
         self.step_metrics = {}

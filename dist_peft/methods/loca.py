@@ -512,6 +512,10 @@ class LocaController(Controller):
         """``local``: the hook drops one tensor's gradient by the phase and clamps ``loca_loc.grad`` elementwise."""
         return "local"
 
+    def value_access(self, hook: str, ctx: StepContext) -> bool:
+        """Only the location steps' after-step hook: it clamps ``loca_loc`` and re-indexes from it."""
+        return hook == "after_optimizer_step" and is_location_step(ctx.step, self.cfg)
+
     def before_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.step != self.next_step:
             raise RuntimeError(f"LocaController: optimizer step {ctx.step}, but the gradients were computed for "

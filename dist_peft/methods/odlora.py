@@ -113,6 +113,10 @@ class OdLoraController(Controller):
         self.partial_sum = sum_partial_grams
         """Sums partial Grams over their split (tests substitute a sum over virtual shards)."""
 
+    def value_access(self, hook: str, ctx: StepContext) -> bool:
+        """The after-step hooks of a refresh or SVD event (``schedule_event``)."""
+        return bool(schedule_event(ctx.step + 1, self.cfg, ctx.total_steps))
+
     def after_optimizer_step(self, ctx: StepContext) -> None:
         event = schedule_event(ctx.step + 1, self.cfg, ctx.total_steps)
         if event == "refresh":

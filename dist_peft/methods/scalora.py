@@ -220,6 +220,10 @@ class ScaLoraController(Controller):
         interval = self.cfg.interval
         return "whole" if interval and step % interval == 0 else "none"
 
+    def value_access(self, hook: str, ctx: StepContext) -> bool:
+        """The transform's steps (every ``interval``): it rescales the factors."""
+        return self.gradient_access(ctx.step) == "whole"
+
     def before_optimizer_step(self, ctx: StepContext) -> None:
         interval = self.cfg.interval
         if interval == 0 or ctx.step % interval:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from dist_peft.integrations.transformers import adapted_sites, enable_recompute, inject_adapters, save_adapter, \
     trainable_parameters, trainable_summary, write_adapter_files
-from dist_peft.methods.base import Adapter, StepContext
+from dist_peft.methods.base import Adapter, StepContext, declared_access
 from dist_peft.parallel import collectives
 from dist_peft.parallel.runtime import default_group_timeout, init_runtime
 from dist_peft.profile.timer import NULL_TIMER
@@ -295,7 +295,8 @@ class Trainer:
                 self.ds.optimizer_step(self.controller, self.ds.step_context(self.step, lr, t.steps))
         else:
             ctx = StepContext(self.step, lr, self.optimizer, total_steps=t.steps)
-            with self.timer.phase("hooks_before_step"):
+            with self.timer.phase("hooks_before_step"), declared_access(self.controller, "before_optimizer_step", ctx,
+                                                                        self.params):
                 self.controller.before_optimizer_step(ctx)
             with self.timer.phase("clip"):
                 if self.mg is not None:
@@ -305,7 +306,8 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(grads, t.max_grad_norm if t.max_grad_norm else math.inf)
             with self.timer.phase("optimizer"):
                 self.optimizer.step()
-            with self.timer.phase("hooks_after_step"):
+            with self.timer.phase("hooks_after_step"), declared_access(self.controller, "after_optimizer_step", ctx,
+                                                                       self.params):
                 self.controller.after_optimizer_step(ctx)
             with self.timer.phase("optimizer"):
                 self.optimizer.zero_grad(set_to_none=True)
