@@ -207,35 +207,44 @@ TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}
 
 
-@pytest.mark.parametrize("fields,targets,seq", [
-    (TINY, ALL, 64),
-    (TINY, ["q_proj", "v_proj"], 64),
-    ({**load_preset("llama-3.1-70b"), "num_hidden_layers": 1, "vocab_size": 512}, ALL, 32),
-    ({**load_preset("mistral-nemo-base-2407"), "num_hidden_layers": 2, "vocab_size": 512}, ["q_proj", "v_proj", "down_proj"], 32),
-], ids=["tiny-all", "tiny-qv", "llama70b-width-1layer", "nemo-width-2layers"])
-def test_activation_bytes_match_saved_tensors(fields, targets, seq):
+@pytest.mark.parametrize("fields,targets,seq,name", [
+    (TINY, ALL, 64, "lora"),
+    (TINY, ["q_proj", "v_proj"], 64, "lora"),
+    (TINY, ["q_proj", "down_proj"], 64, "folora"),
+    ({**load_preset("llama-3.1-70b"), "num_hidden_layers": 1, "vocab_size": 512}, ALL, 32, "lora"),
+    ({**load_preset("mistral-nemo-base-2407"), "num_hidden_layers": 2, "vocab_size": 512},
+     ["q_proj", "v_proj", "down_proj"], 32, "lora"),
+], ids=["tiny-all", "tiny-qv", "tiny-folora-mixed-tasks", "llama70b-width-1layer", "nemo-width-2layers"])
+def test_activation_bytes_match_saved_tensors(fields, targets, seq, name):
     """The planned activations of one micro-batch (bf16 weights, fp32 LoRA r=16 adapters, bf16 autocast, the
     transformers engine) are within 10% of the bytes autograd saves, measured with saved-tensor hooks; real
-    widths with the depth cut and the vocab cut to 512 (the logits are their own term)."""
+    widths with the depth cut and the vocab cut to 512 (the logits are their own term). FO-LoRA (r=16, two tasks,
+    a micro-batch of one sample of each) within 1%: its per-sample V_t and its one cast weight, U (measured −0.2%;
+    −1.8% when neither was modelled)."""
     from types import SimpleNamespace
 
     from dist_peft.accounting.memory import Layout, activation_bytes, logits_saved_bytes
     from dist_peft.integrations.transformers import inject_adapters
+    from dist_peft.methods.folora import FoloraConfig
     from dist_peft.methods.lora import LoraConfig
 
     shape = ModelShape.from_hf(fields)
-    method = SimpleNamespace(name="lora", options=LoraConfig(r=16, lora_alpha=32), target_modules=tuple(targets))
+    options = LoraConfig(r=16, lora_alpha=32) if name == "lora" else FoloraConfig(r=16, num_tasks=2)
+    method = SimpleNamespace(name=name, options=options, target_modules=tuple(targets))
     model = _random_bf16_model(fields)
-    inject_adapters(model, "lora", method.options, targets)
-    model.train()
     batch = 2
+    sites = inject_adapters(model, name, options, targets)
+    if name == "folora":  # one sample of each task, as the controller's on_batch hands them out
+        for site in sites.values():
+            site.adapter.task_ids = torch.arange(batch) % 2
+    model.train()
     ids = torch.randint(0, shape.vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     measured = _saved_bytes(model, ids)
     layout = Layout(micro_batch=batch, seq_len=seq, weight_bytes=2, act_bytes=2)
     planned = activation_bytes(shape, method, layout, 0, shape.layers) + logits_saved_bytes(shape, layout)
     print(f"planned {planned / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB, "
           f"error {planned / measured - 1:+.1%}")
-    assert abs(planned - measured) <= 0.10 * measured, (planned, measured)
+    assert abs(planned - measured) <= (0.01 if name == "folora" else 0.10) * measured, (planned, measured)
 
 
 @pytest.mark.parametrize("fields,targets,seq", [

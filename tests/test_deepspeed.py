@@ -385,15 +385,16 @@ def test_every_other_method_under_zero_matches_the_single_process_run(zero_runs,
 
 
 def test_planned_zero_state_bytes_equal_deepspeeds_tensors(zero_runs):
-    """dist-peft plan's per-rank frozen, adapter, gradient and optimizer bytes under ZeRO-2 and ZeRO-3 equal the
-    distinct storages DeepSpeed holds on each rank (tests/accounting_checks.py: ZeRO-3's partitions, the padded
-    flat adapter buffer, gradient partitions and buckets, fp32 master partitions, AdamW moments), for LoRA
-    (accumulation 2), OD-LoRA (whose bases are buffers) and the two-group methods (FRoD's S under s_lr, LoCA's
-    locations: each group flattened, padded and stepped on its own). Not compared: ZeRO-1, whose whole gradients
-    live during the last backward, not measured."""
+    """dist-peft plan's per-rank frozen, adapter, gradient and optimizer bytes under ZeRO-1, 2 and 3 equal the
+    distinct storages DeepSpeed holds on each rank at their peak (tests/accounting_checks.py: ZeRO-3's partitions,
+    the padded flat adapter buffer, gradient partitions, fp32 master partitions, AdamW moments; ZeRO-1's whole
+    gradients at the end of the last backward, before DeepSpeed reduces them; its reduction bucket, a fixed
+    ``reduce_bucket_size``, neither planned nor measured), for LoRA (accumulation 2), OD-LoRA (whose bases are
+    buffers) and the two-group methods (FRoD's S under s_lr, LoCA's locations: each group flattened, padded and
+    stepped on its own). One data rank: ``test_planned_zero1_state_bytes_on_one_rank``."""
     _, results = zero_runs
     for r in results.values():
-        for key in ("z2", "z3", *((m, s) for m in ("odlora", "frod", "loca") for s in (2, 3))):
+        for key in ("z1", "z2", "z3", *((m, s) for m in ("odlora", "frod", "loca") for s in STAGES)):
             got = r[key]
             assert not isinstance(got, str), (key, got)
             assert got["state"] == got["planned_state"], key
@@ -439,7 +440,6 @@ def test_zero2_hooks_without_whole_gradients_add_no_collective(zero_runs):
                 assert (local["params"][name] == value).all(), (stage, name)
 
 
-def _single(tmp_path, name, controller=None, **kw):
 def test_hooks_declaring_no_values_or_whole_gradients_make_no_collective(zero_runs):
     """Under ZeRO-1, 2 and 3, counting every torch.distributed call (DeepSpeed's included) of each controller hook
     and its engine view: LoCA's before-step hooks (local gradients, no values: under ZeRO-3 a NaN placeholder of
@@ -461,6 +461,7 @@ def test_hooks_declaring_no_values_or_whole_gradients_make_no_collective(zero_ru
             assert all(calls == 0 for step, hook, calls in hooks if step not in (2, 5)), (stage, hooks)
 
 
+def _single(tmp_path, name, controller=None, **kw):
     t = Trainer(_cfg(tmp_path / name, 1, **kw), echo=lambda m: None)
     if controller is not None:
         t.controller = controller(t.controller.adapters)
@@ -606,6 +607,15 @@ def one_rank_group():
     yield
     if dist.is_initialized() and not had_group:
         dist.destroy_process_group()
+
+
+def test_planned_zero1_state_bytes_on_one_rank(one_rank_group, tmp_path):
+    """On one data rank ZeRO-1's step holds more than the whole gradients (LoCA: the padded partitions of both
+    groups and the flat gradient of the first, 6144 bytes against 4608): planned exactly."""
+    t = Trainer(_method_cfg(tmp_path, 1, "loca", 1), echo=lambda m: None)
+    state = record_state_bytes(t)
+    t.run()
+    assert state == planned_state_bytes(t.cfg, 1, 0)
 
 
 def _one_process_zero3(root, name):

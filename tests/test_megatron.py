@@ -365,13 +365,16 @@ def test_planned_activation_bytes_match_saved_tensors(runs, variant):
     hooks measure over the steps, for LoRA on every projection: TP2×PP2 without and with sequence parallelism and
     full recompute, PP2, PP2×VP2 (also with block recompute), TP2 with selective recompute, 8192 tokens under SP
     (measured: within 1.5% in each); and for every other method each of these runs has (their
-    ``forward_saved_bytes`` and ``saves_input``; measured: within 6%, FO-LoRA the lowest at −2% to −6%)."""
+    ``forward_saved_bytes`` and ``saves_input``; measured: within 3.5%). FO-LoRA, whose mixed-task micro-batches
+    save one V_t per sample, within 4% (measured: −1.7% to +2.8%, the first stage's q_proj planned with a V_t
+    that its input, needing no gradient, does not make the GEMM save; −1.9% to −5.7% without the V_t)."""
     results, _ = runs
     methods = list(METHODS) if variant in LAYOUTS else VARIANTS[variant][2]
     for rank, r in results.items():
         for method in methods:
             planned, measured = r[variant, method]["planned_saved"], r[variant, method]["saved"]
-            assert abs(planned - measured) <= 0.10 * measured, (rank, method, planned, measured)
+            tolerance = 0.04 if method == "folora" else 0.10
+            assert abs(planned - measured) <= tolerance * measured, (rank, method, planned, measured)
 
 
 def test_megatron_logits_equal_the_hf_models(runs, tmp_path):

@@ -48,8 +48,9 @@ tests/test_accounting.py; megatron-core TP2×PP2 with and without SP and recompu
     MLP             gate, SiLU(gate), up: 3af           fc1's fused output 2af (gate is a view), SiLU(gate) af and
                                                         megatron's ``up + glu_linear_offset`` copy af: 4af
                     down's input a·f if down_proj is targeted
-    adapters        the method's ``forward_saved_bytes`` per site and micro-batch over its tokens (LoRA: the a·r
-                    product A x; FRoD's per-forward path, OD-LoRA's and LoCA's weight-sized tensors)
+    adapters        the method's ``forward_saved_bytes`` per site and micro-batch over its tokens and samples (LoRA:
+                    the a·r product A x; FRoD's per-forward path, OD-LoRA's and LoCA's weight-sized tensors,
+                    FO-LoRA's per-sample V_t)
 Tensor parallelism divides the attention and MLP terms by TP; sequence parallelism also the norm terms.
 Recompute: full keeps only each layer's input (a·h, /TP under SP) per micro-batch in flight, plus one layer's
 recomputed working set (its weight casts included; at fp32 less the kept input its norm saves; megatron: on the last
@@ -140,7 +141,7 @@ def layer_activation_bytes(shape: ModelShape, method: Any, layout: Layout, first
     if method is not None:
         cls, tokens = adapter_class(method), layout.micro_batch * layout.seq_len
         for site in target_sites(shape, method.target_modules, tp, layout.weight_bytes):
-            own += cls.forward_saved_bytes(site, method.options, a, tokens) / tokens
+            own += cls.forward_saved_bytes(site, method.options, a, tokens, layout.micro_batch) / tokens
             if cls.saves_input(site, method.options, tokens):
                 targets.add(site.module_type)
     sp = tp if layout.sequence_parallel else 1
@@ -190,12 +191,13 @@ def activation_bytes(shape: ModelShape, method: Any, layout: Layout, stage: int,
 
 def weight_cast_bytes(shape: ModelShape, method: Any, layout: Layout) -> int:
     """Per layer and micro-batch: the activation-dtype copies of weights that a GEMM saves for its input gradient
-    when weight and activation dtypes differ (fp32 adapters under bf16; fp32 frozen weights under autocast)."""
+    when weight and activation dtypes differ (fp32 adapters under bf16: ``Adapter.cast_numel``; fp32 frozen weights
+    under autocast)."""
     a = layout.act_bytes
     total = 0
     if method is not None and a != 4:
         cls = adapter_class(method)
-        total += a * sum(cls.trainable_numel(s, method.options)
+        total += a * sum(cls.cast_numel(s, method.options)
                          for s in target_sites(shape, method.target_modules, layout.tp, layout.weight_bytes))
     if layout.weight_bytes != a:
         total += a * (shape.layer_params() - 2 * shape.hidden) // layout.tp

@@ -238,6 +238,12 @@ class Adapter(nn.Module, abc.ABC):
         return (cls.trainable_numel(shape, cfg),)
 
     @classmethod
+    def cast_numel(cls, shape: SiteShape, cfg: Any) -> int:
+        """Elements of the trainable tensors that a GEMM reads as its weight, whose activation-dtype copy it saves
+        when the activations are narrower (fp32 adapters under bf16 autocast). Default: all of them."""
+        return cls.trainable_numel(shape, cfg)
+
+    @classmethod
     def buffer_bytes(cls, shape: SiteShape, cfg: Any) -> tuple[int, int]:
         """(bytes of this site's own non-trainable state on one rank, bytes of state shared by all sites of its
         module type on one rank, counted once). Default: none."""
@@ -258,10 +264,11 @@ class Adapter(nn.Module, abc.ABC):
         return 0
 
     @classmethod
-    def forward_saved_bytes(cls, shape: SiteShape, cfg: Any, act_bytes: int, tokens: int) -> int:
-        """Bytes the update saves for backward in one forward over ``tokens`` tokens (one micro-batch), beyond the
-        site's input: a method overrides it where that set depends on the micro-batch (a path chosen per forward)
-        or holds tensors of weight size (once per forward, not per token). Default: ``tokens`` · ``saved_bytes``."""
+    def forward_saved_bytes(cls, shape: SiteShape, cfg: Any, act_bytes: int, tokens: int, samples: int) -> int:
+        """Bytes the update saves for backward in one forward over ``tokens`` tokens of ``samples`` sequences (one
+        micro-batch), beyond the site's input: a method overrides it where that set depends on the micro-batch (a
+        path chosen per forward, a tensor per sample) or holds tensors of weight size (once per forward, not per
+        token). Default: ``tokens`` · ``saved_bytes``."""
         return tokens * cls.saved_bytes(shape, cfg, act_bytes)
 
     @classmethod

@@ -548,17 +548,32 @@ class FoloraAdapter(Adapter):
         return cfg.r * (shape.m_local + shape.in_features) + cfg.num_tasks * (shape.in_features // 2 + 1)
 
     @classmethod
+    def cast_numel(cls, shape: SiteShape, cfg: FoloraConfig) -> int:
+        """U only: V and G reach the GEMM as the filters V_t, whose copies ``forward_saved_bytes`` counts."""
+        return cfg.r * shape.m_local
+
+    @classmethod
     def buffer_bytes(cls, shape: SiteShape, cfg: FoloraConfig) -> tuple[int, int]:
         """The bin owners ``folora_bins`` (n//2 + 1, int64)."""
         return 8 * (shape.in_features // 2 + 1), 0
 
     @classmethod
-    def forward_saved_bytes(cls, shape: SiteShape, cfg: FoloraConfig, act_bytes: int, tokens: int) -> int:
-        """Per token z = V_t x (r, x's dtype); per forward the filters' spectra (V's rfft, r rows, and the T task
-        masks, n//2 + 1 bins of 8 bytes). Not counted: the per-sample V_t the batched GEMM of mixed tasks saves
-        (samples · r · n_local), and that under megatron's sequence-first layout that GEMM saves a samples-first
-        copy of x in place of x (the same bytes, but one per site, not shared by the sites reading that input)."""
-        return act_bytes * tokens * cfg.r + 8 * (cfg.r + cfg.num_tasks) * (shape.in_features // 2 + 1)
+    def forward_saved_bytes(cls, shape: SiteShape, cfg: FoloraConfig, act_bytes: int, tokens: int,
+                            samples: int) -> int:
+        """Per token z = V_t x (r, x's dtype); per sample the V_t that the batched GEMM gathers (r x n_local, x's
+        dtype); per forward the filters' spectra (V's rfft, r rows of complex64, and M_t ⊙ G_t and M_t, 4 + 4 bytes
+        over the T x (n//2 + 1) bins).
+
+        Decision: every forward is planned on the batched path. With num_tasks ≥ 2 a run has data.tasks, so every
+        batch carries per-sample ids and gathers one V_t per sample, however many distinct tasks the micro-batch
+        holds (one or all: the same bytes). A one-task run without data.tasks takes the single-task GEMM, which
+        saves the (T, r, n) filters once instead (n_local columns after a cast to x's dtype), and a site whose
+        input needs no gradient (the first layer's q/k/v under a frozen embedding) saves no V_t: both planned as
+        the batched path. Not counted: under megatron's sequence-first layout the batched GEMM saves a
+        samples-first copy of x in place of x (the same bytes, but one per site, not shared by the sites reading
+        that input)."""
+        return (act_bytes * cfg.r * (tokens + samples * shape.n_local)
+                + 8 * (cfg.r + cfg.num_tasks) * (shape.in_features // 2 + 1))
 
     @classmethod
     def extra_flops(cls, shape: SiteShape, tokens: int, cfg: FoloraConfig) -> tuple[int, int]:

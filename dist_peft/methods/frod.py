@@ -298,7 +298,8 @@ class FrodAdapter(Adapter):
         return path_flops(m, n, d, k, tokens)[choose_path(cfg.path, m, n, d, k, tokens)]
 
     @classmethod
-    def forward_saved_bytes(cls, shape: SiteShape, cfg: FrodConfig, act_bytes: int, tokens: int) -> int:
+    def forward_saved_bytes(cls, shape: SiteShape, cfg: FrodConfig, act_bytes: int, tokens: int,
+                            samples: int) -> int:
         """The values of N (d + k, fp32) on either path (``choose_path`` for ``tokens``); the transform path also
         z = a F (d per token, fp32: the latent kernel computes in fp32), the merged path nothing per token beyond the
         input. F and F⁻¹, which both kernels save, are the basis' buffers (``buffer_bytes``), not activations."""

@@ -646,7 +646,8 @@ class LocaAdapter(Adapter):
         return (fft + 2 * b) * tokens, (fft + (16 if cfg.learns_locations else 4) * b) * tokens
 
     @classmethod
-    def forward_saved_bytes(cls, shape: SiteShape, cfg: LocaConfig, act_bytes: int, tokens: int) -> int:
+    def forward_saved_bytes(cls, shape: SiteShape, cfg: LocaConfig, act_bytes: int, tokens: int,
+                            samples: int) -> int:
         """By the path ``path_costs`` picks for ``tokens`` (distinct frequencies: their expectation for B uniform
         locations, m(1 − (1 − w/m)^B), w = 3 with Eq. 5's neighbours while locations learn: an upper bound over the
         phases): spectral keeps the input spectrum D x (n per token, the input's dtype; shared by the sites that

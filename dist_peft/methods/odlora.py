@@ -291,7 +291,8 @@ class OdLoraAdapter(LoraAdapter):
         return 4 * p * tokens, 6 * p * tokens
 
     @classmethod
-    def forward_saved_bytes(cls, shape: SiteShape, cfg: OdLoraConfig, act_bytes: int, tokens: int) -> int:
+    def forward_saved_bytes(cls, shape: SiteShape, cfg: OdLoraConfig, act_bytes: int, tokens: int,
+                            samples: int) -> int:
         """The OD form's (``_OdForm``) H = x [Aᵀ | Q_A] (2r per token) and the concatenated L = [Q_B | B] and
         R = [Aᵀ | Q_A] (2r(m_local + n_local) per forward, new tensors at every dtype), in x's dtype; the LoRA form
         of the first round saves less (A x, r per token)."""
