@@ -103,3 +103,22 @@ def test_frod_flags_its_width_growing_basis():
                      get_gpu("h100-80gb"))
     assert any("28672x28672" in w and "6.12 GiB" in w for w in plan.width_costs), plan.width_costs
     assert plan.stages[0].buffers >= 2 * 28672**2 * 4
+
+
+def test_zero_plans_deepspeeds_reduction_bucket(tmp_path):
+    """Under ZeRO (every stage) the plan's buffers hold DeepSpeed's fp32 gradient-reduction bucket,
+    ``reduce_bucket_size`` elements whatever the model's size (5e8 by default: 2 GB; measured on every rank at
+    stages 1-3), and a config's ``deepspeed.reduce_bucket_size`` sizes it; without ZeRO there is none."""
+    from conftest import tiny_config
+
+    from dist_peft.accounting.memory import stage_memory
+    from dist_peft.accounting.plan import layout_of
+
+    def buffers(**sections):
+        cfg = tiny_config(tmp_path, **sections)
+        return [s.buffers for s in stage_memory(shape_of(cfg.model), cfg.method, layout_of(cfg, 2))]
+
+    assert buffers() == [0]
+    for stage in (1, 2, 3):
+        assert buffers(deepspeed={"zero_stage": stage}) == [2_000_000_000]
+    assert buffers(deepspeed={"zero_stage": 2, "reduce_bucket_size": 1000}) == [4000]

@@ -165,7 +165,8 @@ def layout_of(cfg: Any, gpus: int) -> Layout:
                   grad_accum=cfg.train.grad_accum, seq_len=cfg.data.seq_len,
                   weight_bytes=2 if cfg.model.dtype == "bfloat16" else 4, act_bytes=2 if bf16 else 4,
                   **{k: v for k, v in (("zero3_live", ds and ds.max_live_parameters),
-                                       ("zero3_persist", ds and ds.param_persistence_threshold)) if v is not None})
+                                       ("zero3_persist", ds and ds.param_persistence_threshold),
+                                       ("reduce_bucket", ds and ds.reduce_bucket_size)) if v is not None})
 
 
 def check_fits(cfg: Any, world: int, memory_bytes: int | None) -> None:
