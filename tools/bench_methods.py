@@ -4,7 +4,8 @@ profiler's interleaved mode (``dist_peft.profile.interleave``, the one timing ha
 One process builds every configuration on the same random Llama of one ``--shape``, then times training steps
 round-robin (A B C … C B A …) so that machine noise hits every configuration alike, in ``--runs`` runs of which
 every second one takes the configurations in reversed order; it reports the median step (all runs), each run's
-median, and ratios to ``frozen`` and ``lora`` from this one invocation. Never compare absolute times across runs.
+median, ratios to ``frozen`` and ``lora`` from this one invocation, and the paired ratio to ``frozen`` (``paired``: the
+median over rounds of step ÷ the frozen step of the same round). Never compare absolute times across runs.
 
 Shapes (``SHAPES``): ``smollm2`` is SmolLM2-135M at its full 30 layers (hidden 576, 9/3 heads, intermediate
 1536, vocab 49152; ``--layers`` for quick looks only: at a few layers the 49152×576 head dominates); the
@@ -202,17 +203,27 @@ def measure(runners: list[Runner], warmup: int, rounds: int, runs: int = 2) -> l
     return medians
 
 
+def paired(runners: list[Runner], base: str = "frozen") -> dict[str, float]:
+    """Each runner's median over measured rounds of its step ÷ ``base``'s step of the same round. Every runner
+    steps once per round, so step i of each lies within one round of the others: the ratio cancels drift slower
+    than a round (this machine's speed moved 12% between two runs of one invocation), which run medians do not."""
+    ref = next(r for r in runners if r.name == base).times
+    return {r.name: statistics.median(t / f for t, f in zip(r.times, ref)) for r in runners}
+
+
 def _table(args: argparse.Namespace, runners: list[Runner], med: dict, runs: list, extra: dict) -> None:
     print(f"shape={args.shape} threads={args.threads} layers={runners[0].model.config.num_hidden_layers} "
           f"batch={args.batch}x{args.seq} rounds={args.rounds} runs={args.runs} (median of interleaved steps; "
           f"ratios from this invocation only)")
     print(f"{'config':<20}{'trainable':>12}{'median s':>10}{'/frozen':>9}{'/lora':>8}"
-          + "".join(f"{f'run{i + 1}/fr':>10}" for i in range(len(runs))) + f"{'floor':>8}{'saved MiB':>11}{'RSS MiB':>9}")
+          + "".join(f"{f'run{i + 1}/fr':>10}" for i in range(len(runs)))
+          + f"{'paired/fr':>11}{'floor':>8}{'saved MiB':>11}{'RSS MiB':>9}")
     for r in runners:
         row = f"{r.name:<20}{r.trainable:>12,}{med[r.name]:>10.3f}"
         row += f"{med[r.name] / med['frozen']:>9.2f}" if "frozen" in med else f"{'-':>9}"
         row += f"{med[r.name] / med['lora']:>8.2f}" if "lora" in med else f"{'-':>8}"
         row += "".join(f"{m[r.name] / m['frozen']:>10.2f}" if "frozen" in m else f"{'-':>10}" for m in runs)
+        row += f"{extra['paired'][r.name]:>11.3f}" if extra["paired"] else f"{'-':>11}"
         floor, mem = extra["flop_floor"][r.name], extra["memory"][r.name]
         row += f"{'-' if floor is None else f'{floor:.3f}':>8}{mem['saved_for_backward'] / 2**20:>11.1f}"
         print(row + f"{mem['peak_rss'] / 2**20:>9.0f}")
@@ -239,7 +250,8 @@ def main() -> None:
     runners = [Runner(n, args.layers, args.batch, args.seq, args.shape) for n in names]
     runs = measure(runners, args.warmup, args.rounds, args.runs)
     med = {r.name: statistics.median(r.times) for r in runners}
-    extra = {"memory": {r.name: r.memory() for r in runners},
+    extra = {"paired": paired(runners) if "frozen" in names else {}, "times": {r.name: r.times for r in runners},
+             "memory": {r.name: r.memory() for r in runners},
              "flop_floor": {r.name: flop_floor(r.name, r.model, args.batch, args.seq) for r in runners}}
     _table(args, runners, med, runs, extra)
     if args.json:
