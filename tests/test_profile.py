@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import statistics
 import types
 
 import pytest
@@ -275,3 +276,19 @@ def test_zero2_profile_observes_deepspeeds_own_collectives(tmp_path):
         assert reduced == 4 * 8192 + 4
         assert all(c["group_size"] == 2 for c in ds.values())
         _assert_busbw_uses_the_group_size(run["collectives"][str(rank)])
+
+
+def test_compare_pairs_each_step_with_the_frozen_step_of_its_round():
+    """The paired ratio is the median over rounds of a configuration's step ÷ the frozen step of the same round:
+    the machine's speed changing between rounds (×2, ×4) and one slow step (2.5 s in a 1 s round) move the ratio of
+    medians (1.25), not the paired ratio (1.1)."""
+    from dist_peft.profile.report import compare_table
+
+    def summary(name, steps):
+        return {"name": name, "method": name, "trainable": 0, "memory": {},
+                "step_time_s": {"job_median": statistics.median(steps), "per_step": steps},
+                "throughput": {"tokens_per_s": 1.0}}
+
+    frozen, lora = compare_table([summary("frozen", [1.0, 2.0, 4.0]), summary("lora", [2.5, 2.2, 4.4])])
+    assert frozen["paired"] == 1.0
+    assert lora["vs_frozen"] == pytest.approx(1.25) and lora["paired"] == pytest.approx(1.1)

@@ -6,8 +6,9 @@
 #   single  one process at the TP2 per-rank shape (what one TP2 rank multiplies: heads, KV heads, intermediate
 #           and vocabulary halved, head width kept);
 #   zero2   DeepSpeed ZeRO-2, 2 ranks, at the same per-rank shape (each rank multiplies the whole model).
-# then prints the table: × frozen per run, TP2 and ZeRO-2 minus the single process, and rank 0's collectives per
-# step (all of them, and those beyond the frozen base's).
+# then prints the table: × frozen per run (paired: the median over rounds of each step ÷ the frozen step of the
+# same round), TP2 and ZeRO-2 minus the single process, and rank 0's collectives per step (all of them, and those
+# beyond the frozen base's).
 #
 #   flock /tmp/dist_peft_mp.lock nice -n 10 tools/bench_distributed.sh            # OUT=runs/bench/distributed
 #   STEPS=3 WARMUP=1 SEQ=32 tools/bench_distributed.sh                             # a quick look
@@ -57,7 +58,7 @@ missing = [run for run in ("tp2", "single", "zero2") if not (out / run / "profil
 if missing:
     sys.exit(f"table: no {', '.join(missing)} run in {out} yet")
 docs = {run: json.loads((out / run / "profile.json").read_text()) for run in ("tp2", "single", "zero2")}
-ratio = {run: {r["name"]: r["vs_frozen"] for r in d["compare"]} for run, d in docs.items()}
+ratio = {run: {r["name"]: r.get("paired") or r["vs_frozen"] for r in d["compare"]} for run, d in docs.items()}
 
 
 def per_step(cfg):

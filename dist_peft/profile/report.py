@@ -84,16 +84,20 @@ def summarize(name: str, cfg: Any, ranks: Sequence[dict[str, Any]], settings: An
 
 
 def compare_table(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each configuration's step time and its ratios to the frozen floor and to LoRA (when profiled)."""
+    """Each configuration's step time and its ratios to the frozen floor and to LoRA (when profiled); ``paired``:
+    the median over rounds of its step ÷ the frozen step of the same round (the interleaved harness steps every
+    configuration once per round), which cancels the machine's drift between rounds."""
     floor = next((s for s in summaries if s["method"] == "frozen"), None)
     lora = next((s for s in summaries if s["method"] == "lora"), None)
     rows = []
     for s in summaries:
         t = s["step_time_s"]["job_median"]
+        paired = statistics.median(a / b for a, b in zip(s["step_time_s"]["per_step"],
+                                                          floor["step_time_s"]["per_step"])) if floor else None
         saved = [m.get("saved_for_backward", {}).get("peak_live") for m in s["memory"].values()]
         rows.append({"name": s["name"], "method": s["method"], "trainable": s["trainable"], "median_s": t,
                      "tokens_per_s": s["throughput"]["tokens_per_s"],
-                     "vs_frozen": t / floor["step_time_s"]["job_median"] if floor else None,
+                     "vs_frozen": t / floor["step_time_s"]["job_median"] if floor else None, "paired": paired,
                      "vs_lora": t / lora["step_time_s"]["job_median"] if lora else None,
                      "saved_for_backward_bytes": max((v for v in saved if v is not None), default=None),
                      "executed_tflop_per_step": s["flops"]["executed"] / 1e12 if "flops" in s else None,
@@ -179,13 +183,13 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def compare_markdown(rows: Sequence[dict[str, Any]], note: str) -> str:
     lines = ["# Profile: configurations compared (interleaved in one process)", "", note, "",
-             "| config | trainable | median step ms | tokens/s | × frozen | × lora | saved for backward | "
-             "executed TFLOP/step | HFU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| config | trainable | median step ms | tokens/s | × frozen | × frozen, paired | × lora | "
+             "saved for backward | executed TFLOP/step | HFU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ratio = ["-" if r[k] is None else f"{r[k]:.3f}" for k in ("vs_frozen", "vs_lora")]
+        ratio = ["-" if r[k] is None else f"{r[k]:.3f}" for k in ("vs_frozen", "paired", "vs_lora")]
         tf = "-" if r["executed_tflop_per_step"] is None else f"{r['executed_tflop_per_step']:.4g}"
         lines.append(f"| {r['name']} | {r['trainable']:,} | {_ms(r['median_s'])} | {r['tokens_per_s']:.1f} | "
-                     f"{ratio[0]} | {ratio[1]} | {_gib(r['saved_for_backward_bytes'])} | {tf} | {_pct(r['hfu'])} |")
+                     f"{' | '.join(ratio)} | {_gib(r['saved_for_backward_bytes'])} | {tf} | {_pct(r['hfu'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -130,7 +130,7 @@ def _write(subjects: list, gathered: list[dict[str, Any]], settings: Settings, o
     head = summaries[-1]
     return {"profile": str(out / "profile.md"), "files": [str(p) for p in paths],
             "step_time_s": head["step_time_s"]["job_median"], "tokens_per_s": head["throughput"]["tokens_per_s"],
-            "compare": [{k: r[k] for k in ("name", "median_s", "vs_frozen", "vs_lora")} for r in rows or []]}
+            "compare": [{k: r[k] for k in ("name", "median_s", "vs_frozen", "paired", "vs_lora")} for r in rows or []]}
 
 
 def overhead(cfg: Any, settings: Settings, rounds: int = 20) -> dict[str, Any]:
