@@ -42,13 +42,16 @@ def _storage_bytes(tensors, leave_out=()) -> int:
 
 
 def _zero_grad_bytes(zero, params) -> int:
-    """Gradient bytes DeepSpeed holds on this rank, its reduction bucket left out (``reduce_bucket_size``
-    elements whatever the model's size, not planned: accounting/memory.py); the ``.grad`` of a tensor copied into
-    the bucket is a view of it."""
+    """Gradient bytes DeepSpeed holds on this rank, its reduction bucket left out (``_zero_bucket``, planned on its
+    own); the ``.grad`` of a tensor copied into the bucket is a view of it."""
     grads = [p.grad for p in params] + [t for name in ZERO_GRADS for t in _tensors(getattr(zero, name, None))] \
         + [flat.grad for name in ZERO_MASTERS for flat in getattr(zero, name, None) or []]
-    bucket = [b.buffer for b in getattr(zero, "ipg_buckets", {}).values()]  # ZeRO-1/2: a list; 3: one tensor
-    return _storage_bytes(grads, list(_tensors(bucket)))
+    return _storage_bytes(grads, _zero_bucket(zero))
+
+
+def _zero_bucket(zero) -> list:
+    """DeepSpeed's gradient-reduction bucket (``reduce_bucket_size`` elements whatever the model's size)."""
+    return list(_tensors([b.buffer for b in getattr(zero, "ipg_buckets", {}).values()]))  # 1/2: a list; 3: one
 
 
 def record_state_bytes(trainer) -> dict:
@@ -58,9 +61,9 @@ def record_state_bytes(trainer) -> dict:
     Under DeepSpeed ZeRO the counts are the distinct storages the engine holds on this rank: frozen weights (their
     ZeRO-3 partitions ``ds_tensor`` and any gathered value), the adapters (the padded flat buffer their ZeRO-1/2
     values are views of, their ZeRO-3 partitions), the gradients (the model's ``.grad``, DeepSpeed's partitions,
-    the fp32 flat gradient of the step, not its reduction bucket; also measured at the end of each micro-batch's
-    backward before DeepSpeed reduces: ZeRO-1's whole gradients at the last, and after each backward but the
-    last), and the optimizer (DeepSpeed's fp32 master partitions and the AdamW moments of the partitions)."""
+    the fp32 flat gradient of the step, not its reduction bucket, which ``bucket`` holds once autograd is done;
+    also measured at the end of each micro-batch's backward before DeepSpeed reduces: ZeRO-1's whole gradients at
+    the last, and after each backward but the last), and the optimizer (DeepSpeed's fp32 master partitions and the AdamW moments of the partitions)."""
     out: dict = {}
     step = trainer.optimizer.step
     ds = getattr(trainer, "ds", None)
@@ -102,6 +105,7 @@ def record_state_bytes(trainer) -> dict:
 
         def measured_reduce(*args, **kwargs):  # the engine's backward calls it once autograd is done
             keep("gradients", _zero_grad_bytes(ds.engine.optimizer, list(trainer.params.values())))
+            keep("bucket", _storage_bytes(_zero_bucket(ds.engine.optimizer)))
             return reduce(*args, **kwargs)
 
         ds.backward, ds.engine.allreduce_gradients = measured_backward, measured_reduce
@@ -109,12 +113,15 @@ def record_state_bytes(trainer) -> dict:
 
 
 def planned_state_bytes(cfg, world: int, stage: int) -> dict:
-    """The planner's model-state bytes of a rank of pipeline stage ``stage``."""
+    """The planner's model-state bytes of a rank of pipeline stage ``stage`` (under ZeRO also DeepSpeed's reduction
+    bucket, which its ``buffers`` hold beside the method's)."""
     from dist_peft.accounting.memory import stage_memory
     from dist_peft.accounting.plan import layout_of, shape_of
 
-    s = stage_memory(shape_of(cfg.model), cfg.method, layout_of(cfg, world))[stage]
-    return {"frozen": s.frozen, "adapters": s.adapters, "gradients": s.gradients, "optimizer": s.optimizer}
+    layout = layout_of(cfg, world)
+    s = stage_memory(shape_of(cfg.model), cfg.method, layout)[stage]
+    bucket = {"bucket": 4 * layout.reduce_bucket} if layout.zero else {}
+    return {"frozen": s.frozen, "adapters": s.adapters, "gradients": s.gradients, "optimizer": s.optimizer, **bucket}
 
 
 def record_saved_bytes(engine) -> dict:

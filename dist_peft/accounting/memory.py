@@ -24,8 +24,8 @@ Model states, per rank of one pipeline stage (P_f frozen elements, P_a adapter e
                bucket: ``reduce_bucket_size`` elements of the gradients' dtype (fp32 here), 5e8 by default whatever
                the model's size (2 GB; measured: 2,000,000,000 B on every rank at stages 1–3, DeepSpeed 0.19),
                through each backward under 1 and 2 and from the first backward on under 3 (``overlap_comm``, which
-               this project never sets, would double it under 1 and 2); the tests' state checks leave it out of
-               both sides
+               this project never sets, would double it under 1 and 2); the tests' ZeRO state check measures it on
+               its own
 Megatron's 18 B/param (and DeepSpeed's estimators) assume every parameter trains; under adapters only P_a pays
 the 16 B/element, the frozen weights pay w.
 
