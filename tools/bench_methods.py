@@ -39,7 +39,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dist_peft.integrations.transformers import CANONICAL_TARGETS, adapted_sites, inject_adapters
 from dist_peft.methods.base import Controller, StepContext, get_method
-from dist_peft.profile.interleave import interleave
+from dist_peft.profile.interleave import interleave, paired_ratio
 from dist_peft.profile.memory import SavedTensorMeter, peak_rss, reset_peaks
 
 ALL = list(CANONICAL_TARGETS)
@@ -204,11 +204,9 @@ def measure(runners: list[Runner], warmup: int, rounds: int, runs: int = 2) -> l
 
 
 def paired(runners: list[Runner], base: str = "frozen") -> dict[str, float]:
-    """Each runner's median over measured rounds of its step ÷ ``base``'s step of the same round. Every runner
-    steps once per round, so step i of each lies within one round of the others: the ratio cancels drift slower
-    than a round (this machine's speed moved 12% between two runs of one invocation), which run medians do not."""
+    """Each runner's ``paired_ratio`` to ``base`` over all measured rounds (every runner steps once per round)."""
     ref = next(r for r in runners if r.name == base).times
-    return {r.name: statistics.median(t / f for t, f in zip(r.times, ref)) for r in runners}
+    return {r.name: paired_ratio(r.times, ref) for r in runners}
 
 
 def _table(args: argparse.Namespace, runners: list[Runner], med: dict, runs: list, extra: dict) -> None:

@@ -4,6 +4,7 @@ state) hits every configuration alike; compare ratios from one run, never absolu
 
 from __future__ import annotations
 
+import statistics
 from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -16,3 +17,10 @@ def interleave(subjects: Sequence[T], warmup: int, rounds: int, step: Callable[[
     for r in range(warmup + rounds):
         for subject in subjects if r % 2 == 0 else reversed(subjects):
             step(subject, r >= warmup)
+
+
+def paired_ratio(steps: Sequence[float], base: Sequence[float]) -> float:
+    """The median over rounds of ``steps[i] / base[i]``: two subjects' measured steps of one ``interleave`` run lie
+    within one round of each other, so the ratio cancels the machine's drift between rounds (this CPU's speed
+    moved 12% between two runs of one invocation), which a ratio of medians does not."""
+    return statistics.median(a / b for a, b in zip(steps, base, strict=True))

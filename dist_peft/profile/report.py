@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dist_peft.profile.flops import device_peak, step_flops, utilisation
+from dist_peft.profile.interleave import paired_ratio
 from dist_peft.profile.timer import STEP_PHASES, UNACCOUNTED
 
 SCHEMA = "dist-peft-profile/1"
@@ -85,15 +86,13 @@ def summarize(name: str, cfg: Any, ranks: Sequence[dict[str, Any]], settings: An
 
 def compare_table(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each configuration's step time and its ratios to the frozen floor and to LoRA (when profiled); ``paired``:
-    the median over rounds of its step ÷ the frozen step of the same round (the interleaved harness steps every
-    configuration once per round), which cancels the machine's drift between rounds."""
+    ``interleave.paired_ratio`` of its steps and the frozen floor's."""
     floor = next((s for s in summaries if s["method"] == "frozen"), None)
     lora = next((s for s in summaries if s["method"] == "lora"), None)
     rows = []
     for s in summaries:
         t = s["step_time_s"]["job_median"]
-        paired = statistics.median(a / b for a, b in zip(s["step_time_s"]["per_step"],
-                                                          floor["step_time_s"]["per_step"])) if floor else None
+        paired = paired_ratio(s["step_time_s"]["per_step"], floor["step_time_s"]["per_step"]) if floor else None
         saved = [m.get("saved_for_backward", {}).get("peak_live") for m in s["memory"].values()]
         rows.append({"name": s["name"], "method": s["method"], "trainable": s["trainable"], "median_s": t,
                      "tokens_per_s": s["throughput"]["tokens_per_s"],
