@@ -306,7 +306,8 @@ def test_kernel_saves_its_activation_in_the_activation_dtype(side, tmp_path):
 def test_merged_path_multiplies_in_the_autocast_dtype(side, tmp_path):
     """An fp32 site under bf16 autocast (``train.precision: bf16`` of an fp32 model): the merged path's token GEMMs
     run in bf16 as the frozen layer's do (output bf16, the autocast linear's dtype; before: fp32 GEMMs with autocast
-    switched off), ∂x comes back fp32, and output and Σ/S gradients stay within bf16 rounding of the fp32 run."""
+    switched off), the input is saved once, cast (as autocast's linear saves it, the plan's 2 bytes per element),
+    ∂x comes back fp32, and output and Σ/S gradients stay within bf16 rounding of the fp32 run."""
     adapter, _, sites = _adapter(side, tmp_path, m=24, n=16, path="merged")
     with torch.no_grad():
         adapter.frod_s.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
@@ -314,9 +315,11 @@ def test_merged_path_multiplies_in_the_autocast_dtype(side, tmp_path):
     runs = {}
     for bf16 in (False, True):
         adapter.zero_grad()
-        x = x0.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        x, saved = x0.clone().requires_grad_(True), []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             y = adapter.forward_site(x, lambda t: F.linear(t, sites[0].weight))
+        assert [t.dtype for t in saved if t.shape == x0.shape] == [torch.bfloat16 if bf16 else torch.float32]
         y.float().square().sum().backward()
         runs[bf16] = y, x.grad, adapter.frod_sigma.grad.clone(), adapter.frod_s.grad.clone()
     assert runs[True][0].dtype == torch.bfloat16 and runs[False][0].dtype == torch.float32

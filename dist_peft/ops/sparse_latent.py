@@ -148,22 +148,23 @@ class _MergedLinear(torch.autograd.Function):
             first, first_inv, vals = (t.to(dtype) for t in (first, first_inv, values))
             w = weight.to(dtype)
             merged = _merged_weight(w, *_factors(w, first, first_inv, side), vals, pattern)
-            y = torch.nn.functional.linear(x.to(gemm), merged.to(gemm), None if bias is None else bias.to(gemm))
-        ctx.save_for_backward(x, vals, weight, first, first_inv)  # not W′: it is rebuilt (module docstring)
-        ctx.pattern, ctx.side, ctx.values_dtype, ctx.gemm = pattern, side, values.dtype, gemm
+            xg = x.to(gemm)  # saved as cast, as autocast's linear saves its input: one cast, the plan's act_bytes
+            y = torch.nn.functional.linear(xg, merged.to(gemm), None if bias is None else bias.to(gemm))
+        ctx.save_for_backward(xg, vals, weight, first, first_inv)  # not W′: it is rebuilt (module docstring)
+        ctx.pattern, ctx.side, ctx.values_dtype, ctx.x_dtype = pattern, side, values.dtype, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, vals, weight, first, first_inv = ctx.saved_tensors
+        xg, vals, weight, first, first_inv = ctx.saved_tensors
         p = ctx.pattern
         with torch.autocast(g.device.type, enabled=False):
             w = weight.to(first.dtype)
             lt, r = _factors(w, first, first_inv, ctx.side)
-            d_x, gemm = None, ctx.gemm
+            d_x, gemm = None, xg.dtype
             if ctx.needs_input_grad[0]:
-                d_x = (g.to(gemm) @ _merged_weight(w, lt, r, vals, p).to(gemm)).to(x.dtype)
-            g2, x2 = g.reshape(-1, g.shape[-1]).to(gemm), x.reshape(-1, x.shape[-1]).to(gemm)
+                d_x = (g.to(gemm) @ _merged_weight(w, lt, r, vals, p).to(gemm)).to(ctx.x_dtype)
+            g2, x2 = g.reshape(-1, g.shape[-1]).to(gemm), xg.reshape(-1, xg.shape[-1])
             right = (g2.T @ x2).to(lt.dtype) @ r.T  # ∂W′ Rᵀ, ∂W′ = Gᵀ X the one weight-gradient GEMM
             template = _csr(p.crow, p.cols, torch.zeros_like(vals), lt.shape[0])
             d_values = torch.sparse.sampled_addmm(template, lt, right, beta=0.0).values()
