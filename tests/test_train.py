@@ -335,3 +335,12 @@ def test_a_mixed_batch_of_instruction_and_packed_rows_keeps_each_rows_targets():
                      {"input_ids": [8, 9], "labels": None, "task_id": 1}], pad_id=0)
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, 9, IGNORE]]
     assert batch["task_ids"].tolist() == [0, 1]
+
+
+def test_an_unknown_gradient_access_is_refused(tmp_path, monkeypatch):
+    """A controller declaring a gradient access other than whole / local / none is refused by name, in every
+    engine (``hook_access``; the ZeRO view asks the same function before any collective)."""
+    monkeypatch.setattr(LoraAdapter, "controller_cls", _Undeclared)
+    monkeypatch.setattr(_Undeclared, "gradient_access", lambda self, step: "Whole")
+    with pytest.raises(ValueError, match="_Undeclared.gradient_access: 'Whole' is not 'whole', 'local' or 'none'"):
+        Trainer(tiny_config(tmp_path, train={"steps": 1}), echo=lambda m: None).run()

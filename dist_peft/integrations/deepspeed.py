@@ -72,7 +72,7 @@ import torch
 from torch import Tensor, nn
 
 from dist_peft.integrations.transformers import adapted_sites
-from dist_peft.methods.base import Controller, StepContext, declared_access
+from dist_peft.methods.base import Controller, StepContext, declared_access, hook_access
 from dist_peft.parallel import collectives
 from dist_peft.parallel.runtime import ensure_process_group
 from dist_peft.profile.timer import NULL_TIMER
@@ -396,9 +396,8 @@ class ZeroEngine:
     def _run_hook(self, controller: Controller, name: str, ctx: Any) -> None:
         if getattr(type(controller), name) is getattr(Controller, name):
             return  # not overridden (LoRA): nothing to gather
-        grads = controller.gradient_access(ctx.step) if name == "before_optimizer_step" else "none"
-        with self.controller_view(grads, controller.value_access(name, ctx)), \
-                declared_access(controller, name, ctx, self.params):
+        grads, values = hook_access(controller, name, ctx)
+        with self.controller_view(grads, values), declared_access(controller, name, ctx, self.params):
             getattr(controller, name)(ctx)
 
     @contextlib.contextmanager
@@ -414,8 +413,6 @@ class ZeroEngine:
         whole values, the contract of every engine; of a ``local`` gradient it writes exactly the part the rank
         was given) and has no host synchronisation: fp32 tensors are written back whole-sale (exact), others only
         where they changed, selected on the device."""
-        if grads not in ("whole", "local", "none"):
-            raise ValueError(f"gradient_access: {grads!r} is not 'whole', 'local' or 'none'")
         params = list(self.params.values())
         with torch.no_grad(), self._whole_values(params, "gather" if values else "shape" if grads != "none" else ""):
             before = {id(p): p.detach().clone() for p in params if values and p.dtype != torch.float32}

@@ -133,6 +133,16 @@ class Controller:
             raise ValueError(f"{type(self).__name__} holds no state, but the checkpoint has {sorted(state)}")
 
 
+def hook_access(controller: Controller, hook: str, ctx: "StepContext") -> tuple[str, bool]:
+    """(gradients, values) that hook ``hook`` of step ``ctx`` declares (``Controller.gradient_access``, ``none`` for
+    an after-step hook; ``value_access``), refusing an unknown gradient access on every rank alike, before any
+    collective of an engine's view."""
+    grads = controller.gradient_access(ctx.step) if hook == "before_optimizer_step" else "none"
+    if grads not in ("whole", "local", "none"):
+        raise ValueError(f"{type(controller).__name__}.gradient_access: {grads!r} is not 'whole', 'local' or 'none'")
+    return grads, controller.value_access(hook, ctx)
+
+
 @contextlib.contextmanager
 def declared_access(controller: Controller, hook: str, ctx: "StepContext",
                     params: Mapping[str, nn.Parameter]) -> Iterator[None]:
@@ -141,8 +151,8 @@ def declared_access(controller: Controller, hook: str, ctx: "StepContext",
     partitioning engine skips what was declared unneeded: with ``"none"`` gradients (every after-step hook) each
     ``.grad`` is hidden (None) inside and restored after, and one set inside is an error; without values, an
     in-place write to one (its version counter moves) is an error. Host-side checks only, no device work."""
-    grads = controller.gradient_access(ctx.step) if hook == "before_optimizer_step" else "none"
-    versions = None if controller.value_access(hook, ctx) else {n: p._version for n, p in params.items()}
+    grads, values = hook_access(controller, hook, ctx)
+    versions = None if values else {n: p._version for n, p in params.items()}
     hidden = {n: p.grad for n, p in params.items()} if grads == "none" else None
     for p in params.values() if hidden is not None else ():
         p.grad = None
