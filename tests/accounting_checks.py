@@ -50,7 +50,7 @@ def _zero_grad_bytes(zero, params) -> int:
 
 
 def _zero_bucket(zero) -> list:
-    """DeepSpeed's gradient-reduction bucket (``reduce_bucket_size`` elements whatever the model's size)."""
+    """DeepSpeed's gradient-reduction bucket (``reduce_bucket_size`` elements, allocated whole)."""
     return list(_tensors([b.buffer for b in getattr(zero, "ipg_buckets", {}).values()]))  # 1/2: a list; 3: one
 
 
@@ -120,7 +120,7 @@ def planned_state_bytes(cfg, world: int, stage: int) -> dict:
 
     layout = layout_of(cfg, world)
     s = stage_memory(shape_of(cfg.model), cfg.method, layout)[stage]
-    bucket = {"bucket": 4 * layout.reduce_bucket} if layout.zero else {}
+    bucket = {"bucket": s.bucket} if layout.zero else {}
     return {"frozen": s.frozen, "adapters": s.adapters, "gradients": s.gradients, "optimizer": s.optimizer, **bucket}
 
 

@@ -107,8 +107,9 @@ def test_frod_flags_its_width_growing_basis():
 
 def test_zero_plans_deepspeeds_reduction_bucket(tmp_path):
     """Under ZeRO (every stage) the plan's buffers hold DeepSpeed's fp32 gradient-reduction bucket,
-    ``reduce_bucket_size`` elements whatever the model's size (5e8 by default: 2 GB; measured on every rank at
-    stages 1-3), and a config's ``deepspeed.reduce_bucket_size`` sizes it; without ZeRO there is none."""
+    ``reduce_bucket_size`` elements allocated whole (measured on every rank at stages 1-3): by default the rank's
+    trainable count, capped at DeepSpeed's 5e8 (2 GB), which ``ds_config`` hands DeepSpeed; a config's
+    ``deepspeed.reduce_bucket_size`` sizes it; without ZeRO there is none."""
     from conftest import tiny_config
 
     from dist_peft.accounting.memory import stage_memory
@@ -118,7 +119,17 @@ def test_zero_plans_deepspeeds_reduction_bucket(tmp_path):
         cfg = tiny_config(tmp_path, **sections)
         return [s.buffers for s in stage_memory(shape_of(cfg.model), cfg.method, layout_of(cfg, 2))]
 
+    from dist_peft.accounting.flops import param_counts
+    from dist_peft.accounting.memory import reduce_bucket_elements
+    from dist_peft.integrations.deepspeed import ds_config
+
+    cfg = tiny_config(tmp_path)
+    trainable = param_counts(shape_of(cfg.model), cfg.method).trainable
     assert buffers() == [0]
     for stage in (1, 2, 3):
-        assert buffers(deepspeed={"zero_stage": stage}) == [2_000_000_000]
+        assert buffers(deepspeed={"zero_stage": stage}) == [4 * trainable]
     assert buffers(deepspeed={"zero_stage": 2, "reduce_bucket_size": 1000}) == [4000]
+    ds = tiny_config(tmp_path, deepspeed={"zero_stage": 2})
+    assert ds_config(ds, 2, trainable)["zero_optimization"]["reduce_bucket_size"] == trainable
+    assert "reduce_bucket_size" not in ds_config(ds, 2)["zero_optimization"]  # before the adapters exist
+    assert reduce_bucket_elements(None, 10**12) == 5 * 10**8 and reduce_bucket_elements(1000, 10**12) == 1000

@@ -21,11 +21,12 @@ Model states, per rank of one pipeline stage (P_f frozen elements, P_a adapter e
                (4·(Σp_g + max p_g): 8·p for one group); ``gathered``: the working set of whole frozen weights during
                the forward and backward (``stage3_max_live_parameters``, 1e9 elements by default, at least one decoder
                layer, at most the stage). ``buffers`` holds, at every stage, DeepSpeed's gradient-reduction
-               bucket: ``reduce_bucket_size`` elements of the gradients' dtype (fp32 here), 5e8 by default whatever
-               the model's size (2 GB; measured: 2,000,000,000 B on every rank at stages 1–3, DeepSpeed 0.19),
-               through each backward under 1 and 2 and from the first backward on under 3 (``overlap_comm``, which
-               this project never sets, would double it under 1 and 2); the tests' ZeRO state check measures it on
-               its own
+               bucket: ``reduce_bucket_size`` elements of the gradients' dtype (fp32 here), allocated whole
+               whatever the model's size (DeepSpeed's default 5e8 is 2 GB: measured 2,000,000,000 B on every rank
+               at stages 1–3, DeepSpeed 0.19; dist_peft caps its default at the trainable count,
+               ``reduce_bucket_elements``), through each backward under 1 and 2 and from the first backward on
+               under 3 (``overlap_comm``, which this project never sets, would double it under 1 and 2); the tests'
+               ZeRO state check measures it on its own
 Megatron's 18 B/param (and DeepSpeed's estimators) assume every parameter trains; under adapters only P_a pays
 the 16 B/element, the frozen weights pay w.
 
@@ -71,7 +72,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dist_peft.accounting.flops import adapter_class, target_sites
@@ -102,8 +103,9 @@ class Layout:
     """ZeRO-3: parameters gathered at once (stage3_max_live_parameters)."""
     zero3_persist: int = 10**5
     """ZeRO-3: tensors of at most this many elements stay whole (stage3_param_persistence_threshold)."""
-    reduce_bucket: int = 5 * 10**8
-    """ZeRO: elements of DeepSpeed's fp32 gradient-reduction bucket (reduce_bucket_size), whatever the model's size."""
+    reduce_bucket: int | None = None
+    """ZeRO: elements of DeepSpeed's fp32 gradient-reduction bucket (``deepspeed.reduce_bucket_size``; None: sized
+    from the trainable count, ``reduce_bucket_elements``)."""
 
     @property
     def world(self) -> int:
@@ -112,6 +114,18 @@ class Layout:
     @property
     def engine(self) -> str:
         return "megatron" if self.tp * self.pp > 1 else ("deepspeed" if self.zero else "transformers")
+
+
+DEEPSPEED_REDUCE_BUCKET = 5 * 10**8
+"""DeepSpeed's default ``reduce_bucket_size`` (0.19), allocated whole whatever the model's size."""
+
+
+def reduce_bucket_elements(configured: int | None, trainable: int) -> int:
+    """Elements of the gradient-reduction bucket: ``configured`` when set, else DeepSpeed's default capped at the
+    rank's trainable elements. Decision: the bucket holds gradients until they are reduced, and this project never
+    sets ``overlap_comm``, so a bucket that holds every trainable gradient reduces in the same single call as
+    DeepSpeed's 5e8 (adapters are far smaller) while a 70B LoRA rank stops holding 2 GB for ~0.1 GB of gradients."""
+    return configured if configured is not None else max(1, min(DEEPSPEED_REDUCE_BUCKET, trainable))
 
 
 @dataclass
@@ -129,7 +143,8 @@ class StageMemory:
     buffers: int = 0
     activations: int = 0
     logits: int = 0
-    notes: list[str] = field(default_factory=list)
+    bucket: int = 0
+    """ZeRO: DeepSpeed's gradient-reduction bucket (bytes, included in ``buffers``)."""
 
     @property
     def total(self) -> int:
@@ -238,8 +253,9 @@ def stage_memory(shape: ModelShape, method: Any, layout: Layout) -> list[StageMe
                       if layout.zero == 3 else [])
         if layout.zero == 3:
             st.gathered = layout.weight_bytes * min(max(layout.zero3_live, shape.layer_params()), frozen)
-        if layout.zero:
-            st.buffers += 4 * layout.reduce_bucket  # DeepSpeed's reduction bucket (module docstring)
+        if layout.zero:  # DeepSpeed's reduction bucket (module docstring)
+            st.bucket = 4 * reduce_bucket_elements(layout.reduce_bucket, sum(groups))
+            st.buffers += st.bucket
         if p == layout.pp - 1:
             st.logits = int(logits_saved_bytes(shape, layout) * (2 + layout.act_bytes / 4))  # + its gradient, logits
         st.activations = int(activation_bytes(shape, method, layout, p, per_stage, st.logits))

@@ -262,7 +262,8 @@ class DeepSpeedConfig:
     prefetch_bucket_size: int | None = None
     """ZeRO-3: elements gathered ahead of use (DeepSpeed's stage3_prefetch_bucket_size; None: its default)."""
     reduce_bucket_size: int | None = None
-    """Elements per gradient-reduction bucket (None: DeepSpeed's default, 5e8)."""
+    """Elements of DeepSpeed's gradient-reduction bucket, allocated whole on every rank (None: its default 5e8,
+    capped at the rank's trainable elements)."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (1, 2, 3):
