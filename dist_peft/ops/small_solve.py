@@ -109,22 +109,42 @@ def _lawson_hanson_step(m: Tensor, lam: Tensor, u: Tensor, passive: Tensor, inne
     return u, passive, torch.where(live, ~feasible, inner), done
 
 
+def _warm_start(m: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, passive): a start that meets Lawson–Hanson's outer-loop invariant (u optimal on the passive set, u > 0
+    there, 0 elsewhere) from the unconstrained optimum: solve on every variable, drop the non-positive ones, solve
+    again, until the solution is positive on the set (an empty set is the cold start u = 0). Decision: the cold
+    start adds one variable per iteration, and ScaLoRA's optima have most of their 2r variables positive (30 of
+    32 at r = 16 in the 30-layer benchmark: 33 iterations of every layer's batched Cholesky per step); from here the
+    iterations only add or bind the few that differ. One host sync per round; each drops a variable, so at most n."""
+    passive = torch.ones_like(lam, dtype=torch.bool)
+    for _ in range(lam.shape[-1]):
+        s = _passive_solve(m, lam, passive)
+        drop = passive & ~(s > 0)
+        if not bool(drop.any()):
+            break
+        passive &= ~drop
+    else:
+        s = _passive_solve(m, lam, passive)  # the loop's last drop left every remaining variable positive
+    return torch.where(passive, s, torch.zeros_like(s)), passive
+
+
 def nnls_solution(m: Tensor, lam: Tensor, max_iter: int = 0, rtol: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
     """(u, active, converged) for N systems (N, n): u = argmin_{u >= 0} uᵀMu − 2λᵀu in fp64; ``active``: a bound
     binds (some u_j = 0 with w_j = (λ − M u)_j < 0: the unconstrained optimum is infeasible); ``converged``: the
     KKT conditions hold (w <= tol off the passive set, u > 0 on it). Rows of M must be finite.
 
     Lawson & Hanson (1974, ch. 23, NNLS) on the Jacobi-scaled normal equations, every layer in one batch, on the
-    data's device. tol = rtol · max|D⁻½λ| per layer. Decision: no host sync per iteration: finished layers keep
-    their state, and one sync per n iterations asks whether all finished (cap: ``max_iter``, default 6n)."""
+    data's device, from ``_warm_start``. tol = rtol · max|D⁻½λ| per layer. Decision: no host sync per iteration:
+    finished layers keep their state, and a sync after iterations 1, 2, 4, … and every n asks whether all finished
+    (cap: ``max_iter`` iterations after the start, default 6n)."""
     ms, ls, d = _jacobi(m, lam)
     n = ls.shape[-1]
     tol = rtol * ls.abs().amax(-1)
-    u, passive = torch.zeros_like(ls), torch.zeros_like(ls, dtype=torch.bool)
+    u, passive = _warm_start(ms, ls)
     inner, done = torch.zeros_like(tol, dtype=torch.bool), torch.zeros_like(tol, dtype=torch.bool)
-    for it in range(max_iter or 6 * n):
+    for it in range(1, (max_iter or 6 * n) + 1):
         u, passive, inner, done = _lawson_hanson_step(ms, ls, u, passive, inner, done, tol)
-        if (it + 1) % n == 0 and bool(done.all()):
+        if (it & (it - 1) == 0 or it % n == 0) and bool(done.all()):
             break
     w = ls - (ms @ u[..., None])[..., 0]
     return u / d, (~passive & (w < -tol[:, None])).any(-1), done
