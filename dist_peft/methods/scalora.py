@@ -245,7 +245,7 @@ class ScaLoraController(Controller):
         cfg = self.cfg
         c = cfg.lipschitz * ctx.lr * cfg.scale ** 2
         alpha, beta, kind = optimal_scaling(m, lam, c, cfg.nonneg_tol, cfg.column_scaling, cfg.solver)
-        kinds = kind.tolist()  # the transform's one host sync (the solve adds one per 2r Lawson–Hanson iterations)
+        kinds = kind.tolist()  # a host sync (the solve adds a few: ops.small_solve.nnls_solution)
         for (name, a), al, be, k in zip(items, alpha, beta, kinds):
             if k != SKIP:
                 self._rescale(name, a, al, be, ctx)
