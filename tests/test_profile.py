@@ -292,3 +292,28 @@ def test_compare_pairs_each_step_with_the_frozen_step_of_its_round():
     frozen, lora = compare_table([summary("frozen", [1.0, 2.0, 4.0]), summary("lora", [2.5, 2.2, 4.4])])
     assert frozen["paired"] == 1.0
     assert lora["vs_frozen"] == pytest.approx(1.25) and lora["paired"] == pytest.approx(1.1)
+
+
+def test_allocation_peak_follows_allocations_and_frees_in_order():
+    """``allocation_peak`` is the running maximum of the bytes allocated inside the call and not yet freed: 3 MiB
+    where 1 + 2 MiB live at once, 2 MiB where the first is freed before the second exists; a tensor allocated
+    before the call counts neither while held nor when freed inside."""
+    from dist_peft.profile.memory import allocation_peak
+
+    mib = 2**20
+    held = [torch.empty(4 * mib, dtype=torch.uint8)]
+
+    def overlapping():
+        a = torch.empty(mib, dtype=torch.uint8)
+        b = torch.empty(2 * mib, dtype=torch.uint8)
+        del a, b
+
+    def sequential():
+        held.clear()  # frees 4 MiB allocated before the call
+        a = torch.empty(mib, dtype=torch.uint8)
+        del a
+        b = torch.empty(2 * mib, dtype=torch.uint8)
+        del b
+
+    assert allocation_peak(overlapping) == 3 * mib
+    assert allocation_peak(sequential) == 2 * mib

@@ -16,8 +16,10 @@ width-true ``llama8b`` (Llama-3.1-8B's layers: hidden 4096, intermediate 14336, 
 One step = forward + backward + AdamW step + zero_grad on a batch of random tokens with the causal-LM loss, the
 controller hooks called as the Trainer calls them. ``frozen`` has no trainable tensor; its embedding output
 requires grad, so backward still computes every activation gradient (≈4N FLOPs/token: the floor of any adapter
-method). Beside time, each configuration's memory (one extra untimed step: bytes saved for backward, peak RSS of
-that step on Linux) and FLOP floor (executed FLOPs with the method's declared extra work ÷ the frozen model's,
+method). Beside time, each configuration's memory (one extra untimed step: bytes saved for backward, and the peak
+bytes allocated in the step and live at once: activations, gradients and temporaries; ``allocation_peak``, since
+in one process every model is resident and the heap keeps freed memory, so a peak RSS is the same for all) and
+FLOP floor (executed FLOPs with the method's declared extra work ÷ the frozen model's,
 ``dist_peft.accounting``: the ratio its extra FLOPs alone would give).
 
     python tools/bench_methods.py --configs frozen,lora,peft-lora --rounds 8 --threads 2 --json out.json
@@ -40,7 +42,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from dist_peft.integrations.transformers import CANONICAL_TARGETS, adapted_sites, inject_adapters
 from dist_peft.methods.base import Controller, StepContext, get_method
 from dist_peft.profile.interleave import interleave, paired_ratio
-from dist_peft.profile.memory import SavedTensorMeter, peak_rss, reset_peaks
+from dist_peft.profile.memory import SavedTensorMeter, allocation_peak
 
 ALL = list(CANONICAL_TARGETS)
 
@@ -161,13 +163,13 @@ class Runner:
 
 
     def memory(self) -> dict[str, int]:
-        """One untimed step under saved-tensor hooks: peak bytes saved for backward (parameters excluded) and the
-        process's peak RSS during the step (Linux; elsewhere the lifetime peak)."""
+        """One untimed step: peak bytes saved for backward (parameters excluded) and the peak bytes allocated in
+        the step and live at once (``allocation_peak``; the optimizer's state, made by the first step, is held
+        from before: trainable × 8 B)."""
         meter = SavedTensorMeter(exclude=list(self.model.parameters()))
-        reset_peaks(torch.device("cpu"))
         with meter.measuring():
-            self.step()
-        return {"saved_for_backward": meter.peak, "peak_rss": peak_rss()}
+            peak = allocation_peak(self.step)
+        return {"saved_for_backward": meter.peak, "step_peak": peak}
 
 
 def flop_floor(name: str, model: nn.Module, batch: int, seq: int) -> float | None:
@@ -215,7 +217,7 @@ def _table(args: argparse.Namespace, runners: list[Runner], med: dict, runs: lis
           f"ratios from this invocation only)")
     print(f"{'config':<20}{'trainable':>12}{'median s':>10}{'/frozen':>9}{'/lora':>8}"
           + "".join(f"{f'run{i + 1}/fr':>10}" for i in range(len(runs)))
-          + f"{'paired/fr':>11}{'floor':>8}{'saved MiB':>11}{'RSS MiB':>9}")
+          + f"{'paired/fr':>11}{'floor':>8}{'saved MiB':>11}{'peak MiB':>10}")
     for r in runners:
         row = f"{r.name:<20}{r.trainable:>12,}{med[r.name]:>10.3f}"
         row += f"{med[r.name] / med['frozen']:>9.2f}" if "frozen" in med else f"{'-':>9}"
@@ -224,7 +226,7 @@ def _table(args: argparse.Namespace, runners: list[Runner], med: dict, runs: lis
         row += f"{extra['paired'][r.name]:>11.3f}" if extra["paired"] else f"{'-':>11}"
         floor, mem = extra["flop_floor"][r.name], extra["memory"][r.name]
         row += f"{'-' if floor is None else f'{floor:.3f}':>8}{mem['saved_for_backward'] / 2**20:>11.1f}"
-        print(row + f"{mem['peak_rss'] / 2**20:>9.0f}")
+        print(row + f"{mem['step_peak'] / 2**20:>10.1f}")
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ Measured, not predicted:
         cache: a sign of fragmentation) and out-of-memory errors.
   CPU:  the process's peak resident set (Linux VmHWM, reset with the allocator's peaks; elsewhere
         ``getrusage``'s lifetime high-water mark) and the current one.
-  Both: bytes saved for backward (``SavedTensorMeter``), and the tensors the run holds by category: frozen
+  Both: bytes saved for backward (``SavedTensorMeter``), the allocators' peak over one call (``allocation_peak``), and the tensors the run holds by category: frozen
         weights, adapter parameters, gradients, optimizer state and method buffers (each tensor counted once,
         by storage; under ZeRO the local partitions).
 """
@@ -14,11 +14,12 @@ Measured, not predicted:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import resource
 import sys
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -162,6 +163,21 @@ def reset_peaks(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+
+
+def allocation_peak(fn: Callable[[], Any]) -> int:
+    """The most bytes allocated inside ``fn()`` and not yet freed at any moment of it (torch's allocators, all
+    devices together): the running sum of the profiler's memory events, each allocation and free in order (the
+    profiler reports frees of the allocations it saw, so tensors from before the call count neither way). Unlike
+    the RSS, a heap that keeps freed memory (or a caching allocator) does not hide what is reused, so it compares
+    configurations that share one process. Costs one profiled call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    return max(itertools.accumulate((n for _, n in events), initial=0))
 
 
 def peak_rss() -> int:
