@@ -6,9 +6,9 @@ Measured, not predicted:
         cache: a sign of fragmentation) and out-of-memory errors.
   CPU:  the process's peak resident set (Linux VmHWM, reset with the allocator's peaks; elsewhere
         ``getrusage``'s lifetime high-water mark) and the current one.
-  Both: bytes saved for backward (``SavedTensorMeter``), the allocators' peak over one call (``allocation_peak``), and the tensors the run holds by category: frozen
-        weights, adapter parameters, gradients, optimizer state and method buffers (each tensor counted once,
-        by storage; under ZeRO the local partitions).
+  Both: bytes saved for backward (``SavedTensorMeter``), the allocators' peak over one call (``allocation_peak``),
+        and the tensors the run holds by category: frozen weights, adapter parameters, gradients, optimizer state
+        and method buffers (each tensor counted once, by storage; under ZeRO the local partitions).
 """
 
 from __future__ import annotations
