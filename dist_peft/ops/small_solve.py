@@ -71,14 +71,16 @@ def column_solution(m: Tensor, lam: Tensor, rtol: float = 1e-12) -> Tensor:
     return sol[..., 0] / d
 
 
-def _passive_solve(m: Tensor, lam: Tensor, passive: Tensor, ridge: float = 1e-12) -> Tensor:
-    """argmin of uᵀMu − 2λᵀu with u_j = 0 off the passive set (N, n), M unit-diagonal: a Cholesky solve of M on the
-    set (identity elsewhere). The ridge (relative to the unit diagonal, far below fp64 rounding of the objective's
-    1e-9 target) keeps collinear passive columns finite; no error check, so no host sync."""
+def _passive_solve(m: Tensor, lam: Tensor, passive: Tensor, ridge: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """(s, factored): s = argmin of uᵀMu − 2λᵀu with u_j = 0 off the passive set (N, n), M unit-diagonal, by a
+    Cholesky solve of M on the set (identity elsewhere); ``factored`` (N,): the factorisation succeeded (else s is
+    not a solution: M is not positive definite on the set). The ridge (relative to the unit diagonal, far below fp64
+    rounding of the objective's 1e-9 target) keeps collinear passive columns finite; no error check, so no host
+    sync."""
     eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
     a = torch.where(passive[..., :, None] & passive[..., None, :], m, eye) + ridge * eye
-    chol, _ = torch.linalg.cholesky_ex(a)
-    return torch.cholesky_solve(torch.where(passive, lam, torch.zeros_like(lam))[..., None], chol)[..., 0]
+    chol, info = torch.linalg.cholesky_ex(a)
+    return torch.cholesky_solve(torch.where(passive, lam, torch.zeros_like(lam))[..., None], chol)[..., 0], info == 0
 
 
 def _lawson_hanson_step(m: Tensor, lam: Tensor, u: Tensor, passive: Tensor, inner: Tensor, done: Tensor,
@@ -92,7 +94,7 @@ def _lawson_hanson_step(m: Tensor, lam: Tensor, u: Tensor, passive: Tensor, inne
     outer = ~inner & ~done
     done = done | (outer & (best <= tol))
     new = torch.nn.functional.one_hot(j, n).bool() & (outer & ~done)[:, None]
-    s = _passive_solve(m, lam, passive | new)
+    s, _ = _passive_solve(m, lam, passive | new)
     done = done | (new & (s <= 0)).any(-1)  # w_j > 0 gives s_j > 0 in exact arithmetic: w_j was rounding
     live = ~done
     passive = passive | (new & live[:, None])
@@ -112,20 +114,21 @@ def _lawson_hanson_step(m: Tensor, lam: Tensor, u: Tensor, passive: Tensor, inne
 def _warm_start(m: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
     """(u, passive): a start that meets Lawson–Hanson's outer-loop invariant (u optimal on the passive set, u > 0
     there, 0 elsewhere) from the unconstrained optimum: solve on every variable, drop the non-positive ones, solve
-    again, until the solution is positive on the set (an empty set is the cold start u = 0). Decision: the cold
-    start adds one variable per iteration, and ScaLoRA's optima have most of their 2r variables positive (30 of
-    32 at r = 16 in the 30-layer benchmark: 33 iterations of every layer's batched Cholesky per step); from here the
-    iterations only add or bind the few that differ. One host sync per round; each drops a variable, so at most n."""
+    again, until the solution is positive on the set. A row whose M does not factor on its set (not positive
+    definite there: Grams accumulated in fp32 can make a near-collinear M slightly indefinite, where the problem has
+    more than one KKT point) drops its whole set, which is the cold start u = 0, as an emptied set is. Decision: the
+    cold start adds one variable per iteration, and ScaLoRA's optima have most of their 2r variables positive (about
+    31 of 32 at r = 16 in the 30-layer benchmark: 33 iterations of every layer's batched Cholesky per step); from
+    here the iterations only add or bind the few that differ. One host sync per round; a row that drops in a round
+    dropped in every earlier one (a settled set gives the same s again), so at most n rounds."""
     passive = torch.ones_like(lam, dtype=torch.bool)
     for _ in range(lam.shape[-1]):
-        s = _passive_solve(m, lam, passive)
-        drop = passive & ~(s > 0)
+        s, factored = _passive_solve(m, lam, passive)
+        drop = passive & (~(s > 0) | ~factored[:, None])
         if not bool(drop.any()):
             break
         passive &= ~drop
-    else:
-        s = _passive_solve(m, lam, passive)  # the loop's last drop left every remaining variable positive
-    return torch.where(passive, s, torch.zeros_like(s)), passive
+    return torch.where(passive, s, torch.zeros_like(s)), passive  # a row still dropping in the last round is empty
 
 
 def nnls_solution(m: Tensor, lam: Tensor, max_iter: int = 0, rtol: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,9 +137,10 @@ def nnls_solution(m: Tensor, lam: Tensor, max_iter: int = 0, rtol: float = 1e-12
     KKT conditions hold (w <= tol off the passive set, u > 0 on it). Rows of M must be finite.
 
     Lawson & Hanson (1974, ch. 23, NNLS) on the Jacobi-scaled normal equations, every layer in one batch, on the
-    data's device, from ``_warm_start``. tol = rtol · max|D⁻½λ| per layer. Decision: no host sync per iteration:
-    finished layers keep their state, and a sync after iterations 1, 2, 4, … and every n asks whether all finished
-    (cap: ``max_iter`` iterations after the start, default 6n)."""
+    data's device, from ``_warm_start`` (up to n rounds of solves before the iterations, one host sync each).
+    tol = rtol · max|D⁻½λ| per layer. Decision: no host sync per iteration: finished layers keep their state, and a
+    sync after iterations 1, 2, 4, … up to n and then every n asks whether all finished (cap: ``max_iter``
+    iterations after the start, default 6n)."""
     ms, ls, d = _jacobi(m, lam)
     n = ls.shape[-1]
     tol = rtol * ls.abs().amax(-1)
@@ -144,7 +148,7 @@ def nnls_solution(m: Tensor, lam: Tensor, max_iter: int = 0, rtol: float = 1e-12
     inner, done = torch.zeros_like(tol, dtype=torch.bool), torch.zeros_like(tol, dtype=torch.bool)
     for it in range(1, (max_iter or 6 * n) + 1):
         u, passive, inner, done = _lawson_hanson_step(ms, ls, u, passive, inner, done, tol)
-        if (it & (it - 1) == 0 or it % n == 0) and bool(done.all()):
+        if ((it <= n and it & (it - 1) == 0) or it % n == 0) and bool(done.all()):
             break
     w = ls - (ms @ u[..., None])[..., 0]
     return u / d, (~passive & (w < -tol[:, None])).any(-1), done
