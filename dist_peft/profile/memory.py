@@ -14,7 +14,6 @@ Measured, not predicted:
 from __future__ import annotations
 
 import contextlib
-import itertools
 import resource
 import sys
 import weakref
@@ -165,19 +164,33 @@ def reset_peaks(device: torch.device) -> None:
         pass
 
 
-def allocation_peak(fn: Callable[[], Any]) -> int:
-    """The most bytes allocated inside ``fn()`` and not yet freed at any moment of it (torch's allocators, all
-    devices together): the running sum of the profiler's memory events, each allocation and free in order (the
-    profiler reports frees of the allocations it saw, so tensors from before the call count neither way). Unlike
-    the RSS, a heap that keeps freed memory (or a caching allocator) does not hide what is reused, so it compares
-    configurations that share one process. Costs one profiled call."""
+def allocation_peak(fn: Callable[[], Any], device: torch.device = torch.device("cpu")) -> int:
+    """The most bytes allocated on ``device`` inside ``fn()`` and not yet freed, at any moment of it: the running
+    sum over the profiler's allocation events in their order, a free counted only when its address was allocated
+    inside the call (tensors from before the call count neither way, whatever the allocator reports of them).
+    Unlike the RSS, a heap that keeps freed memory (or a caching allocator) does not hide what is reused, so it
+    compares configurations that share one process. Costs one profiled call."""
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    return max(itertools.accumulate((n for _, n in events), initial=0))
+    nodes, events = list(prof.profiler.kineto_results.experimental_event_tree()), []
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device == device:
+            events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+    live: dict[int, int] = {}
+    total = peak = 0
+    for _, ptr, size in sorted(events, key=lambda e: e[0]):
+        if size > 0:
+            live[ptr] = size
+            total += size
+            peak = max(peak, total)
+        else:
+            total -= live.pop(ptr, 0)
+    return peak
 
 
 def peak_rss() -> int:
