@@ -388,9 +388,9 @@ def test_planned_zero_state_bytes_equal_deepspeeds_tensors(zero_runs):
     """dist-peft plan's per-rank frozen, adapter, gradient and optimizer bytes under ZeRO-1, 2 and 3 equal the
     distinct storages DeepSpeed holds on each rank at their peak (tests/accounting_checks.py: ZeRO-3's partitions,
     the padded flat adapter buffer, gradient partitions, fp32 master partitions, AdamW moments; ZeRO-1's whole
-    gradients at the end of the last backward, before DeepSpeed reduces them; its reduction bucket, a fixed
-    ``reduce_bucket_size`` fp32 elements at every stage, on its own), for LoRA (accumulation 2), OD-LoRA (whose bases are
-    buffers) and the two-group methods (FRoD's S under s_lr, LoCA's locations: each group flattened, padded and
+    gradients at the end of the last backward, before DeepSpeed reduces them; its reduction bucket on its own:
+    ``reduce_bucket_size`` fp32 elements at every stage, by default the rank's trainable count), for LoRA
+    (accumulation 2), OD-LoRA (whose bases are buffers) and the two-group methods (FRoD's S under s_lr, LoCA's locations: each group flattened, padded and
     stepped on its own). One data rank: ``test_planned_zero1_state_bytes_on_one_rank``."""
     _, results = zero_runs
     for r in results.values():
