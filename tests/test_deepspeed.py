@@ -71,9 +71,10 @@ class _Rescaler(Controller):
     the step; under ZeRO-3 it also reads a frozen weight through ctx.gathered."""
 
     def before_optimizer_step(self, ctx):
-        for a in self.adapters.values():
+        adapters = list(self.adapters.values())
+        for a in adapters:
             a.lora_B.grad.mul_(0.5)
-            ctx.optim_state.scale_moments_(a.lora_B, torch.tensor(1.5))
+        ctx.optim_state.scale_moments_([a.lora_B for a in adapters], [torch.tensor(1.5)] * len(adapters))
         first = next(iter(self.adapters.values())).site.weight
         with ctx.gathered([first]):
             self.weight_sum = float(first.double().sum())

@@ -66,7 +66,7 @@ import math
 import logging
 import os
 import warnings
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -207,21 +207,23 @@ class ZeroOptimizerState(OptimizerState):
             safe_set_full_optimizer_state(param, value.to(torch.float32), key)
 
     @torch.no_grad()
-    def scale_moments_(self, param: Tensor, factor: Tensor) -> None:
-        """As ``OptimizerState.scale_moments_``, on this rank's part of each moment only: the factor broadcast to the
-        whole shape is sliced like the state (no collective; issue 17)."""
+    def scale_moments_(self, params: Sequence[Tensor], factors: Sequence[Tensor]) -> None:
+        """As ``OptimizerState.scale_moments_``, on this rank's part of each moment only: each factor broadcast to
+        its parameter's whole shape is sliced like the state (no collective; issue 17)."""
         from deepspeed.utils import safe_get_local_optimizer_state
 
-        state = self._state(param)  # links the ZeRO-1/2 fragments
-        for keys, power in ((FIRST_MOMENTS, 1), (SECOND_MOMENTS, 2)):
-            for key in (k for k in keys if k in state):
-                whole = (factor.to(torch.float32) ** power).expand(_full_shape(param)).reshape(-1)
-                if hasattr(param, "ds_id"):
-                    local = safe_get_local_optimizer_state(param, key)  # a view of DeepSpeed's state partition
-                    local.mul_(_z3_slice(param, whole))
-                elif param._hp_mapping is not None:
-                    where = param._hp_mapping.lp_fragment_address
-                    param._hp_mapping.get_optim_state_fragment(key).mul_(whole.narrow(0, where.start, where.numel))
+        for param, factor in zip(params, factors, strict=True):
+            state = self._state(param)  # links the ZeRO-1/2 fragments
+            for keys, power in ((FIRST_MOMENTS, 1), (SECOND_MOMENTS, 2)):
+                for key in (k for k in keys if k in state):
+                    whole = (factor.to(torch.float32) ** power).expand(_full_shape(param)).reshape(-1)
+                    if hasattr(param, "ds_id"):
+                        local = safe_get_local_optimizer_state(param, key)  # a view of DeepSpeed's state partition
+                        local.mul_(_z3_slice(param, whole))
+                    elif param._hp_mapping is not None:
+                        where = param._hp_mapping.lp_fragment_address
+                        param._hp_mapping.get_optim_state_fragment(key).mul_(whole.narrow(0, where.start,
+                                                                                          where.numel))
 
     def step(self, param: Tensor) -> int | None:
         state = self._state(param)

@@ -14,7 +14,7 @@ Keys follow torch's Adam: ``exp_avg`` (first moment m), ``exp_avg_sq`` (second m
 from __future__ import annotations
 
 import abc
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -44,14 +44,16 @@ class OptimizerState(abc.ABC):
     def clear(self, params: Iterable[Tensor]) -> None:
         """Forget the state of ``params``: moments and step counter restart as for a fresh parameter."""
 
-    def scale_moments_(self, param: Tensor, factor: Tensor) -> None:
-        """Multiply the first moments by ``factor`` and the second moments by ``factor²`` (broadcast against the
-        parameter), as if every past gradient had been multiplied by ``factor``. The step counter is unchanged."""
-        for keys, power in ((FIRST_MOMENTS, 1), (SECOND_MOMENTS, 2)):
-            for key in keys:
-                t = self.get(param, key)
-                if t is not None:
-                    self.set(param, key, t * factor.to(t.dtype) ** power)
+    def scale_moments_(self, params: Sequence[Tensor], factors: Sequence[Tensor]) -> None:
+        """Multiply the first moments of each parameter by its factor and the second moments by the factor²
+        (broadcast against the parameter), as if every past gradient had been multiplied by it. Step counters are
+        unchanged."""
+        for param, factor in zip(params, factors, strict=True):
+            for keys, power in ((FIRST_MOMENTS, 1), (SECOND_MOMENTS, 2)):
+                for key in keys:
+                    t = self.get(param, key)
+                    if t is not None:
+                        self.set(param, key, t * factor.to(t.dtype) ** power)
 
 
 class TorchOptimizerState(OptimizerState):
@@ -78,3 +80,15 @@ class TorchOptimizerState(OptimizerState):
     def clear(self, params: Iterable[Tensor]) -> None:
         for p in params:
             self.optimizer.state.pop(p, None)
+
+    @torch.no_grad()
+    def scale_moments_(self, params: Sequence[Tensor], factors: Sequence[Tensor]) -> None:
+        """In place on the optimizer's own tensors, one multi-tensor multiply per kind of moment (a factor of the
+        moment's shape takes the multi-tensor kernel on CUDA; others broadcast one tensor at a time)."""
+        for keys, power in ((FIRST_MOMENTS, 1), (SECOND_MOMENTS, 2)):
+            for key in keys:
+                pairs = [(t, f.to(t.dtype)) for p, f in zip(params, factors, strict=True)
+                         if (t := self.get(p, key)) is not None]
+                if pairs:
+                    moments, scales = (list(c) for c in zip(*pairs))
+                    torch._foreach_mul_(moments, torch._foreach_mul(scales, scales) if power == 2 else scales)
