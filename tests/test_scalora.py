@@ -23,6 +23,7 @@ from dist_peft.parallel import collectives
 from dist_peft.parallel.shard import ShardSpec
 from dist_peft.train import checkpoint as ckpt
 from dist_peft.train.loop import Trainer
+from dist_peft.train.optim_state import OptimizerState, TorchOptimizerState
 from test_odlora import virtual_partial_sum
 from virtual_shards import compare_with_unsplit
 
@@ -276,6 +277,67 @@ def test_moment_rescale_matches_lemma4_under_adamw():
         torch.testing.assert_close(opt.state[param]["exp_avg"], m, rtol=1e-4, atol=1e-8)
         torch.testing.assert_close(opt.state[param]["exp_avg_sq"], v, rtol=1e-4, atol=1e-10)
         assert int(opt.state[param]["step"]) == 4
+
+
+def test_rescale_of_layers_of_several_shapes_matches_lemma4_per_layer():
+    """The batched rescale (grouped by shape) against Lemma 4 layer by layer: layers of two shapes, interleaved, one
+    of them outside the optimizer (no moments): each W gains s B₀ diag(1 − α⊙β) A₀, B = B₀ diag α, A = diag β A₀,
+    ∂B = ∂B₀ diag β, ∂A = diag α ∂A₀, Adam's m (v) of B times β (β²) and of A times α (α²)."""
+    adapters = [_adapter(m=24, n=16, seed=0), _adapter(m=12, n=20, seed=1), _adapter(m=24, n=16, seed=2),
+                _adapter(m=12, n=20, seed=3)]
+    opt = torch.optim.AdamW([p for a in adapters[:3] for p in (a.lora_A, a.lora_B)], lr=1e-3)
+    _backward(adapters, seed=5)
+    opt.step()
+    _backward(adapters, seed=6)
+    before = [{k: t.detach().clone() for k, t in (("W", a.site.weight), ("A", a.lora_A), ("B", a.lora_B),
+                                                  ("gA", a.lora_A.grad), ("gB", a.lora_B.grad))} for a in adapters]
+    moments = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in opt.state}
+    controller = _wired(adapters)
+    controller.transform(_ctx(adapters, lr=1e-3, step=1, optimizer=opt))
+    assert controller.counts["column"] + controller.counts["active"] == 4
+    for a, b in zip(adapters, before):
+        alpha, beta = (a.lora_B / b["B"])[0], (a.lora_A / b["A"])[:, 0]
+        assert (alpha - 1).abs().max() > 1e-3 and (beta - 1).abs().max() > 1e-3
+        torch.testing.assert_close(a.lora_B, b["B"] * alpha, rtol=1e-6, atol=0)
+        torch.testing.assert_close(a.lora_A, b["A"] * beta[:, None], rtol=1e-6, atol=0)
+        torch.testing.assert_close(a.lora_B.grad, b["gB"] * beta, rtol=1e-6, atol=0)
+        torch.testing.assert_close(a.lora_A.grad, b["gA"] * alpha[:, None], rtol=1e-6, atol=0)
+        merged = b["W"] + a.scale * (b["B"] * (1 - alpha * beta)) @ b["A"]
+        torch.testing.assert_close(a.site.weight, merged, rtol=1e-5, atol=1e-6)
+        for p, factor in ((a.lora_B, beta[None, :]), (a.lora_A, alpha[:, None])):
+            if id(p) not in moments:
+                assert p not in opt.state
+                continue
+            torch.testing.assert_close(opt.state[p]["exp_avg"], moments[id(p)]["exp_avg"] * factor, rtol=1e-6, atol=0)
+            torch.testing.assert_close(opt.state[p]["exp_avg_sq"], moments[id(p)]["exp_avg_sq"] * factor ** 2,
+                                       rtol=1e-6, atol=0)
+
+
+def test_optimizer_state_rescale_in_place_equals_the_get_set_fallback():
+    """TorchOptimizerState's in-place multi-tensor rescale and OptimizerState's generic get/set one (the fallback of
+    engines that implement only get/set) give the same moments, AMSGrad's running max included (× factor²)."""
+    class ViaGetSet(TorchOptimizerState):
+        scale_moments_ = OptimizerState.scale_moments_
+
+    results = []
+    for state_cls in (TorchOptimizerState, ViaGetSet):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in ((5, 3), (4,))]
+        opt = torch.optim.AdamW(params, lr=1e-2, amsgrad=True)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        factors = [torch.rand(5, 3, generator=gen) + 0.5, torch.tensor(1.5)]
+        keys = {"exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
+        want = [opt.state[p][k] * f ** power for p, f in zip(params, factors) for k, power in keys.items()]
+        state_cls(opt).scale_moments_(params, factors)
+        got = [opt.state[p][k] for p in params for k in keys]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
+        results.append(got)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_disabled_interval_reproduces_lora_exactly_through_the_trainer(tmp_path):

@@ -262,26 +262,31 @@ class ScaLoraController(Controller):
         """Merge s B diag(1 − α⊙β) A into each layer's W, then B ← B diag α, A ← diag β A, their gradients (swapped
         factors) and their Adam moments (Lemma 4); ``alpha``, ``beta``: (layers, r). Decision (issue 17): W is
         gathered for its own merge only, so under ZeRO-3 one adapted weight at a time is whole on a rank (one
-        gather per weight, not the model at once). Decision: the rescale is three multi-tensor multiplies over
-        all layers, each layer's factor expanded to its tensor's shape (one op per group of equal shapes), not
-        ~20 small ops per layer: at 70B under TP8 (560 adapted weights per rank) those would be ~11,000 kernel
-        launches per step, more time on a GPU than the merge's pass over the weights."""
+        gather per weight, not the model at once). Decision: the factors, gradients and moments are rescaled by
+        multi-tensor multiplies over all layers (five with AdamW), each layer's factor expanded to its tensor's
+        shape (a few ops per group of equal shapes), not ~20 small ops per layer: at 70B under TP8 (560 adapted
+        weights per rank) those would be ~11,000 kernel launches per step. The groups and factors are built before
+        the merges: indexing with a host list copies the index to the device and waits for the stream."""
         coef = self.cfg.scale * (1 - alpha * beta)
-        for (name, a), c in zip(items, coef):
-            with ctx.gathered([a.site.weight], modify=True):
-                self.merged[name].add(a.lora_B * c.to(a.lora_B.dtype), a.lora_A.detach())
         groups: dict[tuple, list[int]] = {}
         for i, (_, a) in enumerate(items):
-            groups.setdefault((a.lora_A.shape, a.lora_B.shape, a.lora_A.dtype), []).append(i)
+            key = (a.lora_A.shape, a.lora_A.dtype, a.lora_B.shape, a.lora_B.dtype)
+            groups.setdefault(key, []).append(i)
+        scales: list[Tensor] = [coef[0]] * len(items)
         params, value_factors, grad_factors = [], [], []  # [B, A] of each layer
-        for (shape_a, shape_b, dtype), idx in groups.items():
-            al, be = alpha[idx].to(dtype), beta[idx].to(dtype)
-            b_al, b_be = (v[:, None, :].expand(len(idx), *shape_b).contiguous().unbind(0) for v in (al, be))
-            a_be, a_al = (v[:, :, None].expand(len(idx), *shape_a).contiguous().unbind(0) for v in (be, al))
+        for (shape_a, dtype_a, shape_b, dtype_b), idx in groups.items():
+            al_b, be_b, co_b = (t[idx].to(dtype_b) for t in (alpha, beta, coef))
+            al_a, be_a = alpha[idx].to(dtype_a), beta[idx].to(dtype_a)
+            b_al, b_be = (v[:, None, :].expand(len(idx), *shape_b).contiguous().unbind(0) for v in (al_b, be_b))
+            a_be, a_al = (v[:, :, None].expand(len(idx), *shape_a).contiguous().unbind(0) for v in (be_a, al_a))
             for j, i in enumerate(idx):
+                scales[i] = co_b[j]
                 params += [items[i][1].lora_B, items[i][1].lora_A]
                 value_factors += [b_al[j], a_be[j]]
                 grad_factors += [b_be[j], a_al[j]]
+        for (name, a), c in zip(items, scales):
+            with ctx.gathered([a.site.weight], modify=True):
+                self.merged[name].add(a.lora_B * c, a.lora_A.detach())
         torch._foreach_mul_(params, value_factors)
         grads = [(p.grad, f) for p, f in zip(params, grad_factors) if p.grad is not None]
         if grads:

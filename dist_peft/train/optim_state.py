@@ -83,8 +83,9 @@ class TorchOptimizerState(OptimizerState):
 
     @torch.no_grad()
     def scale_moments_(self, params: Sequence[Tensor], factors: Sequence[Tensor]) -> None:
-        """In place on the optimizer's own tensors, one multi-tensor multiply per kind of moment (a factor of the
-        moment's shape takes the multi-tensor kernel on CUDA; others broadcast one tensor at a time)."""
+        """In place on the optimizer's own tensors, one multi-tensor multiply per kind of moment (and one for the
+        squares). On CUDA a call takes the multi-tensor kernel only if every factor has its moment's shape and
+        dtype; one that broadcasts sends the whole call one tensor at a time."""
         for keys, power in ((FIRST_MOMENTS, 1), (SECOND_MOMENTS, 2)):
             for key in keys:
                 pairs = [(t, f.to(t.dtype)) for p, f in zip(params, factors, strict=True)
