@@ -272,7 +272,7 @@ class ScaLoraController(Controller):
         for i, (_, a) in enumerate(items):
             key = (a.lora_A.shape, a.lora_A.dtype, a.lora_B.shape, a.lora_B.dtype)
             groups.setdefault(key, []).append(i)
-        scales: list[Tensor] = [coef[0]] * len(items)
+        scales: list[Tensor | None] = [None] * len(items)  # each layer's s (1 − α⊙β), in B's dtype
         params, value_factors, grad_factors = [], [], []  # [B, A] of each layer
         for (shape_a, dtype_a, shape_b, dtype_b), idx in groups.items():
             al_b, be_b, co_b = (t[idx].to(dtype_b) for t in (alpha, beta, coef))
