@@ -499,7 +499,8 @@ def test_first_step_with_a_zero_factor_is_finite_and_keeps_the_zero():
 @pytest.mark.parametrize("case", ["zero gradient", "nan factor", "inf gradient"])
 def test_bad_layers_are_skipped_with_a_counted_warning(case):
     """A zero gradient (Assumption 2 fails), a NaN factor or an infinite gradient: that layer is left untouched
-    (no merge, no rescale), the healthy layer is transformed, and a warning is counted."""
+    (no merge, no rescale), the healthy layer after it is transformed with its own row of the solve, and a warning
+    is counted."""
     good, bad = _adapter(seed=0), _adapter(seed=1)
     _backward([good, bad])
     with torch.no_grad():
@@ -510,9 +511,9 @@ def test_bad_layers_are_skipped_with_a_counted_warning(case):
         else:
             bad.lora_B.grad[0, 0] = math.inf
     w_bad, w_good, b_bad = bad.site.weight.clone(), good.site.weight.clone(), bad.lora_B.detach().clone()
-    controller = _wired([good, bad])
+    controller = _wired([bad, good])
     with pytest.warns(RuntimeWarning, match="1 layer"):
-        controller.transform(_ctx([good, bad]))
+        controller.transform(_ctx([bad, good]))
     assert controller.counts["skipped"] == 1
     assert torch.equal(bad.site.weight, w_bad) and torch.equal(bad.lora_B, b_bad)
     assert not torch.equal(good.site.weight, w_good) and torch.isfinite(good.site.weight).all()

@@ -248,7 +248,7 @@ class ScaLoraController(Controller):
         kinds = kind.tolist()  # a host sync (the solve adds a few: ops.small_solve.nnls_solution)
         kept = [i for i, k in enumerate(kinds) if k != SKIP]
         if kept:
-            self._merge_and_rescale([items[i] for i in kept], alpha[kept], beta[kept], ctx)
+            self._merge_and_rescale([items[i] for i in kept], kept, alpha, beta, ctx)
         for label, code in (("column", COLUMN), ("active", ACTIVE), ("scalar", SCALAR)):
             self.counts[label] += kinds.count(code)
         skipped = [name for (name, _), k in zip(items, kinds) if k == SKIP]
@@ -257,33 +257,38 @@ class ScaLoraController(Controller):
                        f"non-finite factors/system or an unconverged solve: {', '.join(skipped[:3])}"
                        f"{'…' if len(skipped) > 3 else ''})")
 
-    def _merge_and_rescale(self, items: list[tuple[str, LoraAdapter]], alpha: Tensor, beta: Tensor,
+    def _merge_and_rescale(self, items: list[tuple[str, LoraAdapter]], rows: list[int], alpha: Tensor, beta: Tensor,
                            ctx: StepContext) -> None:
         """Merge s B diag(1 − α⊙β) A into each layer's W, then B ← B diag α, A ← diag β A, their gradients (swapped
-        factors) and their Adam moments (Lemma 4); ``alpha``, ``beta``: (layers, r). Decision (issue 17): W is
-        gathered for its own merge only, so under ZeRO-3 one adapted weight at a time is whole on a rank (one
-        gather per weight, not the model at once). Decision: the factors, gradients and moments are rescaled by
-        multi-tensor multiplies over all layers (five with AdamW), each layer's factor expanded to its tensor's
-        shape (a few ops per group of equal shapes), not ~20 small ops per layer: at 70B under TP8 (560 adapted
-        weights per rank) those would be ~11,000 kernel launches per step. The groups and factors are built before
-        the merges: indexing with a host list copies the index to the device and waits for the stream."""
-        coef = self.cfg.scale * (1 - alpha * beta)
+        factors) and their Adam moments (Lemma 4); layer ``items[j]`` takes row ``rows[j]`` of ``alpha``, ``beta``
+        (layers, r). Decision (issue 17): W is gathered for its own merge only, so under ZeRO-3 one adapted weight at
+        a time is whole on a rank (one gather per weight, not the model at once). Decision: the factors, gradients
+        and moments are rescaled by multi-tensor multiplies over all layers (five with AdamW), each layer's factor
+        expanded to its tensor's shape (a few ops per group of equal shapes), not ~20 small ops per layer: at 70B
+        under TP8 (560 adapted weights per rank) those would be ~11,000 kernel launches per step. The rows are
+        taken in group order by one index tensor before the merges (a host list as an index is copied to the
+        device, which waits for the stream), and each group reads a contiguous slice of them."""
         groups: dict[tuple, list[int]] = {}
-        for i, (_, a) in enumerate(items):
-            key = (a.lora_A.shape, a.lora_A.dtype, a.lora_B.shape, a.lora_B.dtype)
-            groups.setdefault(key, []).append(i)
+        for j, (_, a) in enumerate(items):
+            groups.setdefault((a.lora_A.shape, a.lora_A.dtype, a.lora_B.shape, a.lora_B.dtype), []).append(j)
+        pick = torch.tensor([rows[j] for idx in groups.values() for j in idx], device=alpha.device)
+        al, be = alpha[pick], beta[pick]
+        co = self.cfg.scale * (1 - al * be)
         scales: list[Tensor | None] = [None] * len(items)  # each layer's s (1 − α⊙β), in B's dtype
         params, value_factors, grad_factors = [], [], []  # [B, A] of each layer
+        start = 0
         for (shape_a, dtype_a, shape_b, dtype_b), idx in groups.items():
-            al_b, be_b, co_b = (t[idx].to(dtype_b) for t in (alpha, beta, coef))
-            al_a, be_a = alpha[idx].to(dtype_a), beta[idx].to(dtype_a)
+            part = slice(start, start + len(idx))
+            start = part.stop
+            al_b, be_b, co_b = (t[part].to(dtype_b) for t in (al, be, co))
+            al_a, be_a = al[part].to(dtype_a), be[part].to(dtype_a)
             b_al, b_be = (v[:, None, :].expand(len(idx), *shape_b).contiguous().unbind(0) for v in (al_b, be_b))
             a_be, a_al = (v[:, :, None].expand(len(idx), *shape_a).contiguous().unbind(0) for v in (be_a, al_a))
-            for j, i in enumerate(idx):
-                scales[i] = co_b[j]
-                params += [items[i][1].lora_B, items[i][1].lora_A]
-                value_factors += [b_al[j], a_be[j]]
-                grad_factors += [b_be[j], a_al[j]]
+            for k, j in enumerate(idx):
+                scales[j] = co_b[k]
+                params += [items[j][1].lora_B, items[j][1].lora_A]
+                value_factors += [b_al[k], a_be[k]]
+                grad_factors += [b_be[k], a_al[k]]
         for (name, a), c in zip(items, scales):
             with ctx.gathered([a.site.weight], modify=True):
                 self.merged[name].add(a.lora_B * c, a.lora_A.detach())
